@@ -139,3 +139,25 @@ def adalora_callback(model: Any) -> Any:
             model.base_model.update_and_allocate(state.global_step)
 
     return AdaLoraCallback()
+
+
+def param_checksums(model: Any) -> dict[str, tuple[bool, float]]:
+    """name -> (trainable, checksum): a cheap fingerprint to tell which tensors training changed."""
+    out = {}
+    for name, p in model.named_parameters():
+        data = p.detach()
+        out[name] = (p.requires_grad, float(data.double().sum() + data.double().abs().sum() * 1e-3))
+    return out
+
+
+def changed_tensors(before: dict[str, tuple[bool, float]], after: dict[str, tuple[bool, float]]) -> dict[str, int]:
+    """Counts of trainable/frozen tensors whose checksum changed (frozen ones must stay at 0)."""
+    counts = {"trainable_tensors": 0, "trainable_tensors_changed": 0, "frozen_tensors_changed": 0}
+    for name, (trainable, value) in before.items():
+        moved = name in after and after[name][1] != value
+        if trainable:
+            counts["trainable_tensors"] += 1
+            counts["trainable_tensors_changed"] += int(moved)
+        else:
+            counts["frozen_tensors_changed"] += int(moved)
+    return counts

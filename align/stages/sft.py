@@ -15,7 +15,8 @@ from align.config import opt
 from align.data.records import Message, SFTExample, read_sft
 from align.errors import DataError
 from align.models.load import load_model, load_tokenizer, pick_dtype, resolve_model
-from align.models.peft import ADAPTER_METHODS, PeftSettings, adalora_callback, attach_peft, count_parameters
+from align.models.peft import (ADAPTER_METHODS, PeftSettings, adalora_callback, attach_peft, changed_tensors,
+                               count_parameters, param_checksums)
 from align.runs import start_run
 from align.training import TrainSettings, callbacks, history_metrics, last_checkpoint, precision_flags, trainer_kwargs
 
@@ -148,8 +149,11 @@ def run(cfg: Config) -> Path:
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                          processing_class=tokenizer, callbacks=callbacks(cfg.train, run_.dir, True) + extra)
     before = trainer.evaluate()["eval_loss"]
+    checksums = param_checksums(trainer.model)
     trainer.train(resume_from_checkpoint=last_checkpoint(run_.dir) if cfg.resume else None)
     after = trainer.evaluate()["eval_loss"]
+    run_.metrics.update(changed_tensors(checksums, param_checksums(trainer.model)))
+    run_.extra["probe"] = probe_logits(trainer.model, val_ds[0]["input_ids"])
 
     out = run_.dir / "model"
     trainer.model.save_pretrained(out, safe_serialization=True)
@@ -162,13 +166,30 @@ def run(cfg: Config) -> Path:
                          "total_params": total, "trainable_fraction": trainable / total,
                          "train_examples": len(train_ds), "validation_examples": len(val_ds),
                          "train_tokens": n_tokens, "dropped_too_long": n_dropped,
-                         "train_tokens_per_second": n_tokens * cfg.train.epochs / max(
-                             trainer.state.log_history[-1].get("train_runtime", 1e-9), 1e-9)
-                         if cfg.train.max_steps <= 0 else 0.0})
+                         "train_tokens_per_second": tokens_per_second(trainer, n_tokens / len(train_ds))})
     run_.extra["peft"] = {"method": cfg.peft.method, "trained": trained_what, "adapter": cfg.peft.method in
                           ADAPTER_METHODS}
     print(f"validation loss {before:.4f} -> {after:.4f}; model saved to {out}", flush=True)
     return run_.finish()
+
+
+def probe_logits(model: Any, input_ids: list[int]) -> dict[str, Any]:
+    """Last-position logits on one validation example, so a reload can be checked against the trained model."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([input_ids], device=device)).logits[0, -1].float()
+    return {"input_ids": list(input_ids), "logits_head": logits[:16].tolist(), "logits_sum": float(logits.sum())}
+
+
+def tokens_per_second(trainer: Any, mean_tokens: float) -> float:
+    """Training throughput: examples seen (steps x batch x accumulation) x mean length / train runtime."""
+    runtime = next((e["train_runtime"] for e in reversed(trainer.state.log_history) if "train_runtime" in e), 0.0)
+    a = trainer.args
+    seen = trainer.state.global_step * a.per_device_train_batch_size * a.gradient_accumulation_steps
+    return seen * mean_tokens / runtime if runtime else 0.0
 
 
 def _point_adapter_at_base(adapter_dir: Path, base: Path) -> None:

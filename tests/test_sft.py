@@ -1,0 +1,117 @@
+"""SFT on a tiny random model for every PEFT method: it trains, saves, and reloads in plain transformers/peft."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.config import load_config
+from align.models.load import quantization_config
+from align.models.peft import ADAPTER_METHODS
+from align.stages import sft
+
+METHODS = ["lora", "qlora", "dora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "freeze",
+           "bitfit", "full"]
+
+
+def run_sft(model: Path, data: tuple[Path, Path], out: Path, *overrides: str) -> dict:
+    train, valid = data
+    cfg = load_config(sft.Config, Path("stages/tiny/sft.yaml"),
+                      [f"model={model}", f"output_dir={out}", f"data.train={train}", f"data.validation={valid}",
+                       "train.progress=false", *overrides])
+    run_dir = sft.run(cfg)
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+def reload_plain(run_dir: Path, base: Path, method: str):
+    """Load the artifact the way a user without align would."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"quantization_config": quantization_config(torch.float32)} if method == "qlora" else {}
+    if method in ADAPTER_METHODS:
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), run_dir / "model")
+    return AutoModelForCausalLM.from_pretrained(run_dir / "model")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_peft_method_trains_saves_and_reloads(method, tiny_model, tiny_model_with_bias, toy_sft, tmp_path):
+    base = tiny_model_with_bias if method == "bitfit" else tiny_model
+    man = run_sft(base, toy_sft, tmp_path / "run", f"peft.method={method}")
+    m = man["metrics"]
+    assert man["status"] == "completed"
+    assert all(torch.isfinite(torch.tensor([m["eval_loss_before"], m["eval_loss_after"], m["train_loss"]])))
+    assert 0 < m["trainable_params"] <= m["total_params"]
+    # Every trainable tensor moved (AdaLoRA may prune a module's ranks back to zero); no frozen tensor did.
+    if method == "adalora":
+        assert m["trainable_tensors_changed"] >= 0.8 * m["trainable_tensors"] > 0
+    else:
+        assert m["trainable_tensors_changed"] == m["trainable_tensors"] > 0
+    assert m["frozen_tensors_changed"] == 0
+    if method in ("lora", "dora", "full", "freeze", "qlora"):
+        assert m["eval_loss_after"] < m["eval_loss_before"]
+    model = reload_plain(tmp_path / "run", base, method).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([man["probe"]["input_ids"]])).logits[0, -1].float()
+    atol = 1e-3 if method == "qlora" else 1e-4  # 4-bit kernels differ slightly between train-time and reload
+    assert torch.allclose(logits[:16], torch.tensor(man["probe"]["logits_head"]), atol=atol)
+
+
+def test_bitfit_trains_biases_when_the_model_has_them(tiny_model_with_bias, toy_sft, tmp_path):
+    man = run_sft(tiny_model_with_bias, toy_sft, tmp_path / "run", "peft.method=bitfit")
+    assert "bias vectors" in man["peft"]["trained"]
+    assert man["metrics"]["frozen_tensors_changed"] == 0
+
+
+def test_bitfit_on_llama_without_biases_says_what_it_trains(tiny_model, toy_sft, tmp_path):
+    man = run_sft(tiny_model, toy_sft, tmp_path / "run", "peft.method=bitfit")
+    assert "normalization scales" in man["peft"]["trained"]
+
+
+def test_manifest_contract(tiny_model, toy_sft, tmp_path):
+    man = run_sft(tiny_model, toy_sft, tmp_path / "run")
+    for key in ("stage", "status", "config", "inputs", "outputs", "metrics", "versions", "git_sha", "started_at",
+                "finished_at"):
+        assert key in man
+    assert man["stage"] == "sft" and man["outputs"]["model"] == "model"
+    assert str(toy_sft[0]) in man["inputs"] and len(man["inputs"][str(toy_sft[0])]) == 64
+    assert man["config"]["peft"]["method"] == "lora"
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_loss_masks_everything_but_assistant_turns(tiny_model):
+    from align.models.load import load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
+            {"role": "user", "content": "and?"}, {"role": "assistant", "content": "bye"}]
+    ids, labels = sft.tokenize_conversation(tok, msgs, "assistant")
+    learned = tok.decode([t for t, lab in zip(ids, labels) if lab != -100])
+    assert learned == "hello there<|im_end|>\nbye<|im_end|>\n"
+    _, all_labels = sft.tokenize_conversation(tok, msgs, "all")
+    assert all_labels == ids
+
+
+def test_resume_continues_from_checkpoint(tiny_model, toy_sft, tmp_path):
+    run_sft(tiny_model, toy_sft, tmp_path / "run", "train.max_steps=2", "train.save_steps=2")
+    man = run_sft(tiny_model, toy_sft, tmp_path / "run", "train.max_steps=4", "train.save_steps=2", "resume=true")
+    assert man["status"] == "completed"
+    state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+
+
+def test_merge_folds_lora_into_a_full_model(tiny_model, toy_sft, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from align.stages import merge
+
+    man = run_sft(tiny_model, toy_sft, tmp_path / "run")
+    out = merge.run(load_config(merge.Config, None, [f"adapter={tmp_path / 'run'}", f"output_dir={tmp_path / 'm'}"]))
+    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([man["probe"]["input_ids"]])).logits[0, -1]
+    assert torch.allclose(logits[:16], torch.tensor(man["probe"]["logits_head"]), atol=1e-4)
