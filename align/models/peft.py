@@ -84,7 +84,8 @@ def attach_peft(model: Any, s: PeftSettings, *, total_steps: int = 100, task_typ
         else:
             config = peft.LoraConfig(**kwargs, use_dora=(m == "dora"))
         model = peft.get_peft_model(model, config)
-        what = f"{m} adapters on {s.target_modules}" + (f" + {list(extra_trainable)}" if extra_trainable else "")
+        targets = ["k_proj", "v_proj", "down_proj"] if m == "ia3" else s.target_modules
+        what = f"{m} adapters on {targets}" + (f" + {list(extra_trainable)}" if extra_trainable else "")
     elif m in ("prompt_tuning", "prefix_tuning", "p_tuning"):
         cls = {"prompt_tuning": peft.PromptTuningConfig, "prefix_tuning": peft.PrefixTuningConfig,
                "p_tuning": peft.PromptEncoderConfig}[m]
