@@ -138,14 +138,25 @@ def load_model(path: Path, *, dtype: str = "auto", load_in_4bit: bool = False, t
     if kind == "classifier":
         kwargs["num_labels"] = num_labels
     auto = AutoModelForSequenceClassification if kind == "classifier" else AutoModelForCausalLM
-    try:
-        model = auto.from_pretrained(base, use_safetensors=(base / "model.safetensors").is_file() or None, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"could not load model from {base}: {e}") from None
+    if adapter is not None and is_adapter(base):
+        # An adapter trained on another adapter's merged model (PPO/DPO on the SFT LoRA): merge that one first.
+        model = load_model(base, dtype=dtype, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code,
+                           kind=kind, merge=True, num_labels=num_labels)
+    else:
+        try:
+            model = auto.from_pretrained(base, use_safetensors=(base / "model.safetensors").is_file() or None,
+                                         **kwargs)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"could not load model from {base}: {e}") from None
     if adapter is not None:
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        peft_config = PeftConfig.from_pretrained(adapter)
+        if kind == "classifier" and peft_config.task_type != "SEQ_CLS":
+            # A causal-LM adapter (e.g. the SFT LoRA) on a classifier body: the task-agnostic PeftModel wraps it
+            # (PeftModelForCausalLM would ask the classifier for generation hooks it does not have).
+            peft_config.task_type = None
+        model = PeftModel.from_pretrained(model, adapter, config=peft_config)
         if merge:
             if not hasattr(model, "merge_and_unload") or model.peft_config["default"].is_prompt_learning:
                 raise ModelError(f"{adapter} is a prompt-learning adapter and cannot be merged into the weights; "
