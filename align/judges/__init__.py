@@ -86,6 +86,6 @@ def judge_kind(judge: Any) -> Literal["pairwise", "score"]:
 def verdict_from_scores(a: float, b: float, min_margin: float) -> Verdict:
     """a beats b when its score is at least `min_margin` higher; closer scores are a tie."""
     reason = f"scores {a:.4g} vs {b:.4g}"
-    if abs(a - b) < min_margin or a == b:
+    if a == b or abs(a - b) < min_margin - 1e-9:  # the tolerance keeps 0.5 - 0.45 from missing a 0.05 margin
         return Verdict("tie", reason=f"{reason} (margin below {min_margin:g})")
     return Verdict("a" if a > b else "b", reason=reason)

@@ -1,0 +1,64 @@
+"""Pick a backend (`auto` | `hf` | `vllm`) and build a Sampler from a model name, folder, adapter or run folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from align.config import opt
+from align.errors import ConfigError
+from align.generation import Sampler
+from align.models.load import base_of_adapter, is_adapter, load_model, load_tokenizer, resolve_model
+
+BACKENDS = ("auto", "hf", "vllm")
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    backend: str = opt("auto", "auto (vLLM when importable and a GPU is present, else hf) | hf | vllm")
+    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
+    tensor_parallel_size: int = opt(1, "vllm: GPUs to shard the model over")
+    gpu_memory_utilization: float = opt(0.85, "vllm: fraction of GPU memory the engine may take")
+    max_model_len: int = opt(2048, "vllm: longest prompt + response in tokens")
+    trust_remote_code: bool = opt(False, "allow model code from the model folder")
+
+
+def choose_backend(backend: str) -> str:
+    """'auto' -> 'vllm' when vllm imports and CUDA is present, else 'hf'. Explicit names are checked."""
+    from align.generation.vllm import vllm_available
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "vllm" if vllm_available() else "hf"
+    return backend
+
+
+def build_sampler(model: str | Path, settings: BackendSettings = BackendSettings(), *, verbose: bool = True) -> Sampler:
+    """A Sampler over `model` ('default', a model/adapter folder, or a stage run folder) on the chosen backend.
+
+    hf merges a LoRA-family adapter into its base; vllm keeps it separate and sends it as a LoRA request.
+    """
+    path = resolve_model(model)
+    backend = choose_backend(settings.backend)
+    if verbose:
+        why = " (auto: vllm + CUDA found)" if settings.backend == "auto" and backend == "vllm" else (
+            " (auto: no vllm or no GPU)" if settings.backend == "auto" else "")
+        print(f"generation backend: {backend}{why}; model {path}", flush=True)
+    tokenizer = load_tokenizer(path, settings.trust_remote_code)
+    if backend == "vllm":
+        from align.generation.vllm import VLLMSampler
+
+        adapter = path if is_adapter(path) else None
+        return VLLMSampler(base_of_adapter(path) if adapter else path, tokenizer, adapter=adapter,
+                           tensor_parallel_size=settings.tensor_parallel_size, dtype=settings.dtype,
+                           gpu_memory_utilization=settings.gpu_memory_utilization,
+                           max_model_len=settings.max_model_len, trust_remote_code=settings.trust_remote_code)
+    import torch
+
+    from align.generation.hf import HFSampler
+
+    hf_model = load_model(path, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code, merge=True)
+    if torch.cuda.is_available():
+        hf_model = hf_model.to("cuda")
+    return HFSampler(hf_model, tokenizer)

@@ -1,0 +1,259 @@
+"""judge: turn samples (from `align generate`) into AI preference records with a judge from judges/.
+
+Outputs in the run folder: preferences.jsonl (canonical records, meta.source = "ai", the judge id and its
+rationale), verdicts.jsonl (every judged pair, ties and abstains included), failures.jsonl (unparseable answers,
+HTTP errors after retries, missing scores: counted, never turned into preferences) and judge_cache.jsonl
+(unless cache_dir is set), which lets a re-run with resume=true skip every judgement already made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from align.config import opt
+from align.data.records import Message, check_messages, read_jsonl, read_preferences, write_jsonl
+from align.errors import ConfigError, DataError
+from align.judges import Verdict, failure, verdict_from_scores
+from align.judges.cache import JudgeCache, cache_key
+from align.judges.registry import LoadedJudge, load_judge
+from align.runs import read_manifest, start_run
+
+
+@dataclass(frozen=True)
+class Config:
+    samples: str = opt("runs/generate", "samples.jsonl from `align generate`, or its run folder")
+    judge: str = opt("house_style", "judge spec: a name under judges/, a YAML path, or package.module:ClassName")
+    judge_options: dict[str, Any] = opt({}, "override the spec's options, e.g. judge_options.path=runs/reward2")
+    output_dir: str = opt("runs/judge", "where preferences.jsonl and the manifest go")
+    overwrite: bool = opt(False, "replace an existing output_dir")
+    resume: bool = opt(False, "keep output_dir (and its judge cache): judgements already made are not redone")
+    seed: int = opt(0, "seed for the order in which human pairs are shown to the judge")
+    pairing: str = opt("best_worst", "score judges: best_worst (one pair per prompt) | all (every pair past "
+                                     "min_margin); pairwise judges always compare every pair")
+    min_margin: float = opt(0.0, "score judges: a pair is a preference only when the scores differ by this much")
+    human: str = opt("", "optional human preference JSONL (or `align import` run folder) for the same prompts: "
+                         "the judge labels those pairs too and the manifest reports its agreement with the humans")
+    human_max: int = opt(500, "judge at most this many human pairs")
+    cache_dir: str = opt("", "folder for judge_cache.jsonl shared across runs ('': the run folder)")
+    batch_size: int = opt(32, "pairs (or responses) per judge call; the cache is saved after each")
+    max_prompts: int = opt(0, "judge only the first N prompts (0: all)")
+
+
+@dataclass
+class Item:
+    """One thing to judge: a pair (pairwise judges) or a single response (score judges)."""
+
+    prompt: list[Message]
+    responses: tuple[str, ...]
+
+
+def resolve_file(path: str, output: str, what: str) -> Path:
+    """A JSONL file, or a run folder whose manifest names it as output `output`."""
+    p = Path(path)
+    if p.is_dir():
+        manifest = read_manifest(p) or {}
+        name = (manifest.get("outputs") or {}).get(output)
+        if not name:
+            raise DataError(f"{p}: no {output} output in its manifest; give the {what} file itself")
+        p = p / name
+    if not p.is_file():
+        raise DataError(f"{what} {p} not found; run the earlier stage first or give the file path")
+    return p
+
+
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for lineno, obj in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(obj, dict) or not isinstance(obj.get("responses"), list):
+            raise DataError(f"{where}: a samples row needs 'prompt' and a list 'responses' (from align generate)")
+        if not all(isinstance(r, str) for r in obj["responses"]):
+            raise DataError(f"{where}: responses must be strings")
+        rows.append({**obj, "prompt": check_messages(obj.get("prompt"), where, field_name="prompt"),
+                     "origin": where})
+    return rows
+
+
+def candidates(responses: list[str]) -> list[str]:
+    """Distinct non-empty responses in their original order (identical texts cannot make a preference)."""
+    seen: dict[str, None] = {}
+    for r in responses:
+        if r.strip() and r not in seen:
+            seen[r] = None
+    return list(seen)
+
+
+def run_judge(loaded: LoadedJudge, cache: JudgeCache, items: list[Item], batch_size: int,
+              counts: dict[str, int]) -> list[Any]:
+    """Judge every item not in the cache, in batches (cache saved after each); returns one result per item:
+    a Verdict (pairwise) or a float | None (score)."""
+    keys = [cache_key(loaded.config, it.prompt, list(it.responses)) for it in items]
+    fresh: dict[str, Any] = {}
+    todo = list(dict.fromkeys(k for k in keys if k not in cache))
+    first = {k: i for i, k in reversed(list(enumerate(keys)))}
+    counts["cached"] += len(set(keys)) - len(todo)
+    shown = time.monotonic()
+    for start in range(0, len(todo), batch_size):
+        chunk = [items[first[k]] for k in todo[start:start + batch_size]]
+        prompts = [it.prompt for it in chunk]
+        if loaded.mode == "pairwise":
+            results: list[Any] = loaded.judge.judge(prompts, [(it.responses[0], it.responses[1]) for it in chunk])
+        else:
+            results = loaded.judge.score(prompts, [it.responses[0] for it in chunk])
+        if len(results) != len(chunk):
+            raise ConfigError(f"judge {loaded.name} returned {len(results)} results for {len(chunk)} inputs")
+        batch_keys = todo[start:start + batch_size]
+        fresh.update(zip(batch_keys, results))
+        cache.put([(k, r.to_json() if isinstance(r, Verdict) else {"score": r}) for k, r in zip(batch_keys, results)
+                   if (r.error is None if isinstance(r, Verdict) else r is not None)])
+        done = min(start + batch_size, len(todo))
+        if time.monotonic() - shown >= 5 or done == len(todo):  # a progress line every few seconds, not per batch
+            shown = time.monotonic()
+            print(f"  judged {done}/{len(todo)} new ({counts['cached']} from cache)", flush=True)
+    out = []
+    for k in keys:
+        if k in fresh:
+            out.append(fresh[k])
+        elif loaded.mode == "pairwise":
+            out.append(Verdict.from_json(cache.get(k)))
+        else:
+            out.append(cache.get(k)["score"])
+    return out
+
+
+def judge_rows(loaded: LoadedJudge, cache: JudgeCache, rows: list[dict[str, Any]], cfg: Config,
+               counts: dict[str, int]) -> list[tuple[dict[str, Any], str, str, Verdict, list[float] | None]]:
+    """(row, response_a, response_b, verdict, scores) for every pair the judge decided on or failed at."""
+    per_row = [candidates(r["responses"]) for r in rows]
+    counts["prompts_without_pair"] = sum(len(c) < 2 for c in per_row)
+    results = []
+    if loaded.mode == "pairwise":
+        pairs = [(row, a, b) for row, cands in zip(rows, per_row) for a, b in itertools.combinations(cands, 2)]
+        verdicts = run_judge(loaded, cache, [Item(row["prompt"], (a, b)) for row, a, b in pairs], cfg.batch_size,
+                             counts)
+        return [(row, a, b, v, None) for (row, a, b), v in zip(pairs, verdicts)]
+    singles = [(row, r) for row, cands in zip(rows, per_row) if len(cands) >= 2 for r in cands]
+    scores = run_judge(loaded, cache, [Item(row["prompt"], (r,)) for row, r in singles], cfg.batch_size, counts)
+    by_row: dict[int, list[tuple[str, float | None]]] = {}
+    for (row, r), s in zip(singles, scores):
+        by_row.setdefault(id(row), []).append((r, s))
+    for row in rows:
+        scored = by_row.get(id(row), [])
+        for r, s in scored:
+            if s is None:
+                results.append((row, r, "", failure("the judge returned no score for this response"), None))
+        ok = [(r, s) for r, s in scored if s is not None]
+        if len(ok) < 2:
+            continue
+        if cfg.pairing == "best_worst":
+            ranked = sorted(ok, key=lambda rs: rs[1], reverse=True)
+            chosen_pairs = [(ranked[0], ranked[-1])]
+        else:
+            chosen_pairs = list(itertools.combinations(ok, 2))
+        for (a, sa), (b, sb) in chosen_pairs:
+            results.append((row, a, b, verdict_from_scores(sa, sb, cfg.min_margin), [sa, sb]))
+    return results
+
+
+def preference(row: dict[str, Any], a: str, b: str, v: Verdict, scores: list[float] | None,
+               loaded: LoadedJudge) -> dict[str, Any]:
+    chosen, rejected = (a, b) if v.winner == "a" else (b, a)
+    meta: dict[str, Any] = {"source": "ai", "judge": loaded.id, "judge_kind": loaded.kind, "rationale": v.reason,
+                            "prompt_id": row.get("id"), "origin": row["origin"],
+                            "policy": (row.get("generation") or {}).get("model")}
+    if scores is not None:
+        s_chosen, s_rejected = scores if v.winner == "a" else scores[::-1]
+        meta["scores"] = {"chosen": s_chosen, "rejected": s_rejected}
+        meta["margin"] = s_chosen - s_rejected  # what `align reward use_margin=true` reads
+    return {"prompt": row["prompt"], "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "meta": meta}
+
+
+def human_agreement(loaded: LoadedJudge, cache: JudgeCache, cfg: Config, prompt_ids: set[str],
+                    counts: dict[str, int]) -> dict[str, float]:
+    """Judge the human-labelled pairs (shown in a seeded random order) and compare with the human choice."""
+    from align.stages.generate import prompt_id
+
+    records = read_preferences(resolve_file(cfg.human, "preferences", "human preference"))[: cfg.human_max]
+    rng = random.Random(cfg.seed)
+    rows, truth = [], []
+    for i, rec in enumerate(records):
+        chosen, rejected = rec.chosen[-1]["content"], rec.rejected[-1]["content"]
+        flip = rng.random() < 0.5
+        rows.append({"prompt": rec.prompt, "responses": [rejected, chosen] if flip else [chosen, rejected],
+                     "origin": f"{cfg.human}#{i}"})
+        truth.append("b" if flip else "a")
+    human_cfg = dataclasses.replace(cfg, pairing="best_worst")
+    decided = {id(row): (a, v) for row, a, _, v, _ in judge_rows(loaded, cache, rows, human_cfg, counts)
+               if not v.failed}
+    agree = decisive = 0
+    for row, want in zip(rows, truth):
+        if id(row) not in decided or decided[id(row)][1].winner not in ("a", "b"):
+            continue
+        a, v = decided[id(row)]
+        picked = a if v.winner == "a" else next(r for r in row["responses"] if r != a)
+        decisive += 1
+        agree += picked == row["responses"][0 if want == "a" else 1]
+    return {"human_pairs": len(records), "human_decisive": decisive,
+            "human_agreement": agree / decisive if decisive else 0.0,
+            "human_coverage": decisive / len(records) if records else 0.0,
+            "human_prompts_in_samples": sum(prompt_id(r.prompt) in prompt_ids for r in records)}
+
+
+def run(cfg: Config) -> Path:
+    if cfg.pairing not in ("best_worst", "all"):
+        raise ConfigError(f"pairing={cfg.pairing!r}: use best_worst or all")
+    samples_path = resolve_file(cfg.samples, "samples", "samples")
+    rows = read_samples(samples_path)
+    if cfg.max_prompts > 0:
+        rows = rows[: cfg.max_prompts]
+    loaded = load_judge(cfg.judge, cfg.judge_options)
+    print(f"judge {loaded.id} ({loaded.kind}, {loaded.mode}) on {len(rows)} prompts from {samples_path}", flush=True)
+    run_ = start_run("judge", cfg, resume=cfg.resume)
+    run_.add_input(samples_path)
+    cache = JudgeCache((Path(cfg.cache_dir) if cfg.cache_dir else run_.dir) / "judge_cache.jsonl")
+    counts = {"cached": 0}
+
+    results = judge_rows(loaded, cache, rows, cfg, counts)
+    prefs = [preference(row, a, b, v, s, loaded) for row, a, b, v, s in results if v.winner in ("a", "b")]
+    fails = [{"origin": row["origin"], "prompt_id": row.get("id"), "prompt": row["prompt"],
+              "responses": [r for r in (a, b) if r], "error": v.error, "judge": loaded.id}
+             for row, a, b, v, _ in results if v.failed]
+    verdicts = [{"origin": row["origin"], "prompt_id": row.get("id"), "response_a": a, "response_b": b,
+                 **v.to_json(), **({"scores": s} if s is not None else {})} for row, a, b, v, s in results]
+    write_jsonl(run_.dir / "preferences.jsonl", prefs)
+    write_jsonl(run_.dir / "verdicts.jsonl", verdicts)
+    write_jsonl(run_.dir / "failures.jsonl", fails)
+    for name in ("preferences", "verdicts", "failures"):
+        run_.add_output(name, run_.dir / f"{name}.jsonl")
+
+    judged = [v for _, _, _, v, _ in results if not v.failed]
+    both = [v for v in judged if len(v.orders) == 2]
+    run_.metrics.update({
+        "prompts": len(rows), "pairs_judged": len(judged), "preferences": len(prefs),
+        "ties": sum(v.winner == "tie" for v in judged), "abstains": sum(v.winner == "abstain" for v in judged),
+        "abstain_rate": sum(v.winner == "abstain" for v in judged) / len(judged) if judged else 0.0,
+        "position_flips": sum(v.orders[0] != v.orders[1] for v in both),
+        "position_flip_rate": sum(v.orders[0] != v.orders[1] for v in both) / len(both) if both else 0.0,
+        "failures": len(fails), "cached_judgements": counts["cached"],
+        "prompts_without_pair": counts.get("prompts_without_pair", 0)})
+    if cfg.human:
+        run_.metrics.update(human_agreement(loaded, cache, cfg, {str(r.get("id")) for r in rows}, counts))
+    run_.extra["judge"] = {"id": loaded.id, "name": loaded.name, "kind": loaded.kind, "mode": loaded.mode,
+                           "config": loaded.config}
+    m = run_.metrics
+    print(f"{m['preferences']:.0f} preferences from {m['pairs_judged']:.0f} judged pairs "
+          f"({m['ties']:.0f} ties, {m['abstains']:.0f} abstains, {m['failures']:.0f} failures, "
+          f"position flips {m['position_flip_rate']:.0%})"
+          + (f"; agreement with humans {m['human_agreement']:.0%} on {m['human_decisive']:.0f} pairs"
+             if cfg.human else "") + f" -> {run_.dir / 'preferences.jsonl'}", flush=True)
+    if not prefs:
+        print("warning: no preferences were produced (every pair tied, abstained or failed); see verdicts.jsonl",
+              flush=True)
+    return run_.finish()
