@@ -1,0 +1,342 @@
+"""eval: compare aligned policies with the SFT policy on held-out prompts.
+
+Every policy (SFT first, then each aligned one) samples one response per prompt with the same sampling settings
+and seed. Reported per policy: the reward model's mean score, the win rate against SFT by the configured judge
+(score judges compare scores; pairwise judges are asked in both orders; ties count half, abstains are left out;
+95% Wilson interval, see align/stats.py), the KL to the reference (mean per-token log π − log π_ref of the
+policy's own samples, raw temperature-1 distributions; for an adapter policy the reference is the same model
+with the adapter disabled), mean response length and the finished fraction. The default judge is the
+house-style rules judge, which is not the judge that produced training labels: a policy can learn to please
+its own labeller, so the evaluation judge should differ.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.config import opt, to_dict
+from align.data.records import Message, PromptRecord, read_prompts, write_jsonl
+from align.errors import ConfigError, DataError
+from align.generation import Sample, SamplingSettings
+from align.runs import atomic_write_json, read_manifest, start_run
+from align.stats import Outcome, WinRate, combine_orders, count_outcomes, score_outcome
+
+DEFAULT_JUDGE = "align.judges.house_style:house_style_score"
+
+
+@dataclass(frozen=True)
+class Config:
+    sft: str = opt("runs/pipeline/sft", "the SFT policy (run folder or model/adapter folder): the baseline")
+    policies: list[str] = opt(["runs/pipeline/ppo", "runs/pipeline/dpo"],
+                              "aligned policies to compare with SFT (run folders or model/adapter folders)")
+    names: list[str] = opt([], "display names for `policies` (default: their folder names)")
+    reward_model: str = opt("runs/pipeline/reward", "reward run folder for mean scores ('' to skip)")
+    prompts: str = opt("data/prompts/eval.jsonl", "held-out prompt-only JSONL (no stage trained on these)")
+    max_prompts: int = opt(0, "use only the first N prompts (0: all)")
+    judge: str = opt(DEFAULT_JUDGE, "win-rate judge: a judge spec YAML (judges/*.yaml), a rules function "
+                                    "`module:function`, or a judge class `module:Class`")
+    training_judges: list[str] = opt([], "judge specs that produced AI training labels (the pipeline fills "
+                                         "it in): the report says whether the evaluation judge is among them")
+    tie_margin: float = opt(0.0, "score judges: a score difference of at most this is a tie")
+    reference: str = opt("", "KL reference ('': an adapter policy's adapter-disabled base; the SFT policy for a "
+                             "full-model policy)")
+    sampling: SamplingSettings = opt(SamplingSettings(temperature=0.7, top_p=0.9, max_new_tokens=96, seed=1234),
+                                     "sampling, identical for every policy")
+    side_by_side: int = opt(6, "prompts shown side by side in eval.json and the report")
+    dtype: str = opt("auto", "auto | float32 | bfloat16")
+    trust_remote_code: bool = opt(False, "allow model code from model folders")
+    output_dir: str = opt("runs/eval", "where eval.json and samples.jsonl go")
+    overwrite: bool = opt(False, "replace an existing output_dir")
+    seed: int = opt(0, "torch seed before each policy (sampling has its own seed)")
+
+
+@dataclass
+class PolicyResult:
+    """One policy's samples and per-sample numbers (lists aligned with the prompts)."""
+
+    name: str
+    path: Path
+    reference: str
+    samples: list[Sample]
+    kl_tokens: list[float]  # per sample: Σ over response tokens of log π - log π_ref
+    rewards: list[float | None] = field(default_factory=list)
+    judge_scores: list[float | None] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+    flips: int = 0
+
+    @property
+    def texts(self) -> list[str]:
+        return [s.text for s in self.samples]
+
+
+# ---------------------------------------------------------------- models
+
+def load_policy(path: Path, dtype: str, trust_remote_code: bool) -> tuple[Any, Any]:
+    """(model, tokenizer); an adapter stays a live PeftModel so `disable_adapter()` gives its reference."""
+    from align.models.load import base_of_adapter, is_adapter, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    if is_adapter(path):
+        from peft import PeftModel
+
+        base = load_model(base_of_adapter(path), dtype=dtype, trust_remote_code=trust_remote_code, merge=True)
+        model = PeftModel.from_pretrained(base, path)
+    else:
+        model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    return model.to("cuda") if torch.cuda.is_available() else model, tokenizer
+
+
+def evaluate_policy(name: str, path: Path, prompts: list[list[Message]], cfg: Config,
+                    sft_path: Path) -> PolicyResult:
+    """Sample from one policy and measure its KL to the reference; frees the model afterwards."""
+    from align.generation.hf import HFSampler
+    from align.models.load import base_of_adapter, is_adapter, resolve_model
+    from align.rlhf.evaluate import sequence_kl
+
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_policy(path, cfg.dtype, cfg.trust_remote_code)
+    print(f"eval: sampling {len(prompts)} responses from {name} ({path})", flush=True)
+    samples = [group[0] for group in HFSampler(model, tokenizer).generate(prompts, cfg.sampling, n=1)]
+    ref_model, ref_name = None, ""
+    if cfg.reference:
+        ref_model, _ = load_policy(resolve_model(cfg.reference), cfg.dtype, cfg.trust_remote_code)
+        ref_name = cfg.reference
+    elif is_adapter(path):
+        ref_name = f"{short(base_of_adapter(path))} (adapter disabled)"
+    elif path != sft_path:
+        ref_model, _ = load_policy(sft_path, cfg.dtype, cfg.trust_remote_code)
+        ref_name = f"{short(sft_path)} (SFT)"
+    if ref_name:  # Σ_t log π(y_t) - log π_ref(y_t) per sample; ref_model None: the adapter disabled
+        kl = sequence_kl(model, ref_model, samples, tokenizer.pad_token_id, chunk=cfg.sampling.batch_size)
+    else:
+        kl = [math.nan] * len(samples)  # a full-model SFT policy is its own reference
+    del model, ref_model
+    gc.collect()
+    return PolicyResult(name=name, path=path, reference=ref_name or "itself", samples=samples, kl_tokens=kl)
+
+
+def short(path: Path) -> str:
+    """A readable name for a model folder: 'runs/pipeline/sft/model' -> 'runs/pipeline/sft/model' relative if
+    possible, else the last three parts."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return "/".join(path.parts[-3:])
+
+
+# ---------------------------------------------------------------- scoring
+
+def reward_scores(reward_model: str, prompts: list[list[Message]], results: list[PolicyResult]) -> None:
+    """Fill `rewards` of every result with the reward model's score (empty responses are scored too)."""
+    from align.reward_model import RewardModel, encode
+
+    rm = RewardModel.load(reward_model)
+    for r in results:
+        ids = [encode(rm.tokenizer, p, [{"role": "assistant", "content": s.text}]) for p, s in zip(prompts, r.samples)]
+        r.rewards = list(rm.score_ids(ids))
+    del rm
+    gc.collect()
+
+
+def build_judge(spec: str) -> Any:
+    """A judge from a `module:function` rule, or anything the judge registry loads (a spec YAML, a name under
+    judges/, a `module:Class`, an entry point)."""
+    from align.judges import judge_kind
+    from align.judges.registry import load_judge
+    from align.judges.rules import Config as RulesConfig
+    from align.judges.rules import RulesJudge, import_object
+
+    if ":" in spec and not spec.endswith((".yaml", ".yml")) and not isinstance(import_object(spec, "judge"), type):
+        judge: Any = RulesJudge(RulesConfig(function=spec))
+    else:
+        judge = load_judge(spec).judge
+    judge_kind(judge)  # exactly one of judge()/score(), or a TypeError naming the class
+    return judge
+
+
+def judge_identities(spec: str) -> set[str]:
+    """What a judge spec really calls: a rules spec is its function, an ensemble the union of its members,
+    anything else its kind and options. Used to tell whether the evaluation judge labelled the training data."""
+    from align.judges.registry import read_spec
+    from align.judges.rules import Config as RulesConfig
+
+    if ":" in spec and not spec.endswith((".yaml", ".yml")):
+        return {spec}
+    try:
+        s = read_spec(spec)
+    except ConfigError:
+        return {spec}
+    if s.kind == "rules":
+        return {str(s.options.get("function", RulesConfig().function))}
+    if s.kind == "ensemble":
+        return set().union(*(judge_identities(m) if isinstance(m, str) else {json.dumps(m, sort_keys=True)}
+                             for m in s.options.get("members", [])))
+    return {f"{s.kind}:{json.dumps(s.options, sort_keys=True, default=str)}"}
+
+
+def judge_policies(judge: Any, prompts: list[list[Message]], sft: PolicyResult, others: list[PolicyResult],
+                   tie_margin: float) -> str:
+    """Fill judge scores (score judges) and outcomes vs SFT for every aligned policy; returns the judge kind."""
+    from align.judges import judge_kind
+
+    kind = judge_kind(judge)
+    if kind == "score":
+        for r in [sft, *others]:
+            r.judge_scores = [None if v is None else float(v) for v in judge.score(prompts, r.texts)]
+        for r in others:
+            r.outcomes = [score_outcome(a, b, tie_margin) for a, b in zip(r.judge_scores, sft.judge_scores)]
+        return kind
+    for r in others:
+        first = judge.judge(prompts, list(zip(r.texts, sft.texts)))  # policy is "a"
+        second = judge.judge(prompts, list(zip(sft.texts, r.texts)))  # policy is "b"
+        as_policy = {"a": "win", "b": "loss", "tie": "tie", "abstain": "abstain"}
+        flipped = {"a": "loss", "b": "win", "tie": "tie", "abstain": "abstain"}
+        pairs = [(as_policy[v1.winner], flipped[v2.winner]) for v1, v2 in zip(first, second)]
+        r.outcomes = [combine_orders(o1, o2) for o1, o2 in pairs]  # type: ignore[arg-type]
+        r.flips = sum(1 for o1, o2 in pairs if {o1, o2} == {"win", "loss"})
+    return kind
+
+
+# ---------------------------------------------------------------- summary
+
+def mean(values: list[float | None]) -> float | None:
+    got = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(got) / len(got) if got else None
+
+
+def summarise(r: PolicyResult) -> dict[str, Any]:
+    """The per-policy row of eval.json."""
+    n_tokens = sum(len(s.response_ids) for s in r.samples)
+    kl_known = [k for k in r.kl_tokens if not math.isnan(k)]
+    win: WinRate | None = count_outcomes(r.outcomes) if r.outcomes else None
+    return {
+        "name": r.name, "path": str(r.path), "reference": r.reference,
+        "reward_mean": mean(r.rewards), "judge_mean": mean(r.judge_scores),
+        "win_rate": win.to_json() if win else None, "position_flips": r.flips if r.outcomes else None,
+        "kl_to_reference": sum(kl_known) / n_tokens if kl_known and n_tokens else None,  # per token
+        "kl_per_sequence": sum(kl_known) / len(kl_known) if kl_known else None,
+        "length_tokens_mean": n_tokens / max(len(r.samples), 1),
+        "length_words_mean": sum(len(s.text.split()) for s in r.samples) / max(len(r.samples), 1),
+        "finished_fraction": sum(s.finished for s in r.samples) / max(len(r.samples), 1),
+    }
+
+
+def side_by_side(prompts: list[PromptRecord], results: list[PolicyResult], k: int) -> list[dict[str, Any]]:
+    """The first `k` prompts with every policy's response, reward, judge score and outcome vs SFT."""
+    rows = []
+    for i in range(min(k, len(prompts))):
+        rows.append({"prompt": prompts[i].prompt[-1]["content"], "responses": {
+            r.name: {"text": r.samples[i].text, "reward": r.rewards[i] if r.rewards else None,
+                     "judge": r.judge_scores[i] if r.judge_scores else None,
+                     "outcome": r.outcomes[i] if r.outcomes else None} for r in results}})
+    return rows
+
+
+def sample_rows(prompts: list[PromptRecord], results: list[PolicyResult]) -> list[dict[str, Any]]:
+    return [{"index": i, "policy": r.name, "prompt": p.prompt, "response": s.text, "tokens": len(s.response_ids),
+             "finished": s.finished, "reward": r.rewards[i] if r.rewards else None,
+             "judge": r.judge_scores[i] if r.judge_scores else None,
+             "kl": None if math.isnan(r.kl_tokens[i]) else r.kl_tokens[i],
+             "outcome_vs_sft": r.outcomes[i] if r.outcomes else None, "meta": p.meta}
+            for r in results for i, (p, s) in enumerate(zip(prompts, r.samples))]
+
+
+def policy_names(cfg: Config) -> list[str]:
+    if cfg.names and len(cfg.names) != len(cfg.policies):
+        raise ConfigError(f"names has {len(cfg.names)} entries but policies has {len(cfg.policies)}; give one name "
+                          f"per policy or none")
+    names = list(cfg.names) or [Path(p).name if Path(p).name != "model" else Path(p).parent.name
+                                for p in cfg.policies]
+    seen: dict[str, int] = {"sft": 1}
+    out = []
+    for n in names:  # unique display names: a second "ppo" becomes "ppo-2"
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    return out
+
+
+def run(cfg: Config) -> Path:
+    from align.models.load import resolve_model
+
+    if not cfg.policies:
+        raise ConfigError("policies is empty; list the aligned run folders to compare with sft, e.g. "
+                          "policies=[runs/ppo,runs/dpo]")
+    records = read_prompts(cfg.prompts)[: cfg.max_prompts or None]
+    if not records:
+        raise DataError(f"{cfg.prompts}: no prompts to evaluate on")
+    names = policy_names(cfg)
+    sft_path = resolve_model(cfg.sft)
+    paths = [resolve_model(p) for p in cfg.policies]
+    judge = build_judge(cfg.judge)  # fail on a bad judge before minutes of sampling
+    run_ = start_run("eval", cfg)
+    run_.add_input(cfg.prompts)
+    for p in [sft_path, *paths]:
+        run_.add_input(p)
+    if cfg.reward_model:
+        run_.add_input(resolve_model(cfg.reward_model))
+
+    prompts = [r.prompt for r in records]
+    sft = evaluate_policy("sft", sft_path, prompts, cfg, sft_path)
+    others = [evaluate_policy(n, p, prompts, cfg, sft_path) for n, p in zip(names, paths)]
+    results = [sft, *others]
+    if cfg.reward_model:
+        reward_scores(cfg.reward_model, prompts, results)
+    kind = judge_policies(judge, prompts, sft, others, cfg.tie_margin)
+
+    used_for_training = set().union(*(judge_identities(j) for j in cfg.training_judges))
+    report = {
+        "judge": {"name": cfg.judge, "kind": kind, "training_judges": list(cfg.training_judges),
+                  "differs_from_training_judge": not (judge_identities(cfg.judge) & used_for_training)},
+        "prompts": {"file": cfg.prompts, "n": len(records)},
+        "baseline": "sft", "sampling": to_dict(cfg.sampling),
+        "policies": [summarise(r) for r in results],
+        "side_by_side": side_by_side(records, results, cfg.side_by_side),
+    }
+    atomic_write_json(run_.dir / "eval.json", report)
+    write_jsonl(run_.dir / "samples.jsonl", sample_rows(records, results))
+    run_.add_output("eval", run_.dir / "eval.json")
+    run_.add_output("samples", run_.dir / "samples.jsonl")
+    run_.extra["judge"] = report["judge"]
+    for row in report["policies"]:
+        for key in ("reward_mean", "judge_mean", "kl_to_reference", "length_tokens_mean", "finished_fraction"):
+            if row[key] is not None:
+                run_.metrics[f"{row['name']}_{key}"] = row[key]
+        if row["win_rate"]:
+            for key in ("rate", "low", "high", "wins", "losses", "ties", "abstains"):
+                run_.metrics[f"{row['name']}_win_{key}"] = row["win_rate"][key]
+    print_table(report)
+    return run_.finish()
+
+
+def print_table(report: dict[str, Any]) -> None:
+    j = report["judge"]
+    same = "the SAME judge, win rates may be inflated"
+    note = (f"; AI training labels came from {', '.join(j['training_judges']) or 'no judge'}: "
+            + ("a different judge" if j["differs_from_training_judge"] else same))
+    print(f"eval on {report['prompts']['n']} held-out prompts; win-rate judge {j['name']} ({j['kind']}){note}")
+    print(f"{'policy':<12} {'reward':>8} {'judge':>7} {'win rate vs sft [95% CI]':>26} {'W/L/T/A':>13} "
+          f"{'KL/token':>9} {'tokens':>7}")
+    fmt = lambda v, d=3: "—" if v is None else f"{v:.{d}f}"
+    for row in report["policies"]:
+        w = row["win_rate"]
+        wr = "baseline" if not w else f"{100 * w['rate']:.1f}% [{100 * w['low']:.1f}, {100 * w['high']:.1f}]"
+        wlta = "" if not w else f"{w['wins']}/{w['losses']}/{w['ties']}/{w['abstains']}"
+        print(f"{row['name']:<12} {fmt(row['reward_mean']):>8} {fmt(row['judge_mean']):>7} {wr:>26} {wlta:>13} "
+              f"{fmt(row['kl_to_reference'], 4):>9} {row['length_tokens_mean']:>7.1f}", flush=True)
+
+
+def read_eval(run_dir: Path) -> dict[str, Any] | None:
+    """eval.json of an eval run folder (None when absent or the run did not complete)."""
+    manifest = read_manifest(run_dir)
+    if not manifest or manifest.get("status") != "completed":
+        return None
+    return json.loads((Path(run_dir) / manifest["outputs"]["eval"]).read_text())

@@ -1,0 +1,403 @@
+"""pipeline: SFT -> import (human labels) -> generate + judge (AI labels) -> preferences -> reward -> PPO + DPO
+-> eval -> report, in one process, each step in its own folder under `output_dir`.
+
+Each step is `run(load_config(module.Config, recipe, overrides))` with the step's recipe (stages/<stage>.yaml,
+or `recipes`/<stage>.yaml), the pipeline's wiring (output_dir under the pipeline folder, upstream run folders as
+inputs) and then your `steps.<name>.overrides`. A step is skipped when its manifest says completed and its
+fingerprint — sha256 of the resolved config plus the hashes of everything it reads (files, and the outputs of
+upstream run folders) — equals the one recorded when it last ran. `force=true` re-runs every step. A step that
+was interrupted resumes (stages with `resume`, when nothing changed) or restarts with overwrite=true.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import importlib
+import importlib.util
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from align.config import load_config, opt, to_dict
+from align.data.records import read_preferences, write_jsonl
+from align.errors import ConfigError, DataError
+from align.runs import Run, now, read_manifest, sha256_path, start_run
+
+ORDER = ("sft", "import", "generate", "judge", "preferences", "reward", "ppo", "dpo", "eval", "report")
+NOT_FINGERPRINTED = {"overwrite", "resume", "output_dir"}  # how a step runs, not what it computes
+
+
+@dataclass(frozen=True)
+class Step:
+    recipe: str = opt("", "this step's recipe YAML ('' = <recipes>/<stage>.yaml, else stages/<stage>.yaml)")
+    overrides: dict[str, Any] = opt({}, "keys set on top of the recipe and the wiring (nested), e.g. "
+                                        "{train: {epochs: 1}}; on the command line steps.sft.overrides.train.epochs=1")
+    enabled: bool = opt(True, "run this step (disabled ppo/dpo are left out of eval; others must exist already)")
+
+
+@dataclass(frozen=True)
+class Config:
+    output_dir: str = opt("runs/pipeline", "the pipeline folder: one subfolder per step and the pipeline manifest")
+    overwrite: bool = opt(False, "delete output_dir first and start from nothing")
+    force: bool = opt(False, "re-run every step even when its inputs and config are unchanged")
+    seed: int = opt(42, "seed given to every step that has one")
+    model: str = opt("default", "the base model SFT starts from")
+    human: list[str] = opt(["data/human/demo_labelstudio.json"], "human annotation exports for `align import`")
+    prompts: str = opt("data/prompts/train.jsonl", "training prompts (generate, PPO)")
+    eval_prompts: str = opt("data/prompts/eval.jsonl", "held-out prompts (eval; PPO's before/after check)")
+    recipes: str = opt("stages", "folder of stage recipes (stages/tiny for the test pipeline)")
+    until: str = opt("", "stop after this step ('' = run all)")
+    steps: dict[str, Step] = opt({}, f"per-step settings, keyed by step: {', '.join(ORDER)}")
+
+
+@dataclass(frozen=True)
+class PreferencesConfig:
+    """The `preferences` step: concatenate human and AI preference files into one train/valid pair."""
+
+    inputs: list[str] = opt([], "preference JSONL files or import/judge run folders (train)")
+    validation: list[str] = opt([], "held-out preference files or import run folders")
+    output_dir: str = opt("runs/pipeline/preferences", "where train.jsonl and valid.jsonl go")
+    overwrite: bool = opt(False, "replace an existing output_dir")
+    seed: int = opt(0, "unused (every step has one)")
+
+
+@dataclass
+class PlannedStep:
+    """One step ready to run: what to call and with which recipe and overrides."""
+
+    name: str
+    stage: str
+    config_cls: type
+    run: Callable[[Any], Path]
+    recipe: Path | None
+    overrides: list[str]
+    dir: Path
+    always: bool = False  # the report reads everything and is cheap: it is redone on every pipeline run
+
+
+# ---------------------------------------------------------------- the preferences step
+
+def preference_file(path: Path, names: tuple[str, ...]) -> Path:
+    """A preference JSONL, or a run folder's first output among `names`."""
+    if path.is_file():
+        return path
+    outputs = (read_manifest(path) or {}).get("outputs", {})
+    for name in names:
+        if name in outputs and (path / outputs[name]).is_file():
+            return path / outputs[name]
+    raise DataError(f"{path}: no preference file ({' or '.join(names)}) in this folder's manifest; give a "
+                    f"preference JSONL or an `align import` / `align judge` run folder")
+
+
+def merge_preferences(cfg: PreferencesConfig) -> Path:
+    """Write train.jsonl (every input, minus prompts that are held out) and valid.jsonl (the validation inputs)."""
+    run_ = start_run("preferences", cfg)
+    valid, train, dropped = [], [], 0
+    for src in cfg.validation:
+        path = preference_file(Path(src), ("valid", "validation"))
+        run_.add_input(path)
+        valid += read_preferences(path)
+    held = {json.dumps(r.prompt, sort_keys=True) for r in valid}
+    for src in cfg.inputs:
+        path = preference_file(Path(src), ("train", "preferences"))
+        run_.add_input(path)
+        records = read_preferences(path) if path.stat().st_size else []  # a judge may produce no pairs
+        kept = [r for r in records if json.dumps(r.prompt, sort_keys=True) not in held]
+        dropped += len(records) - len(kept)
+        run_.metrics[f"train_from_{Path(src).name}"] = len(kept)
+        train += kept
+    if not train:
+        raise DataError(f"no training preferences in {', '.join(cfg.inputs) or 'no inputs'}")
+    write_jsonl(run_.dir / "train.jsonl", [r.to_json() for r in train])
+    run_.add_output("train", run_.dir / "train.jsonl")
+    if valid:
+        write_jsonl(run_.dir / "valid.jsonl", [r.to_json() for r in valid])
+        run_.add_output("valid", run_.dir / "valid.jsonl")
+    sources: dict[str, int] = {}
+    for r in train:
+        sources[str(r.meta.get("source", "unknown"))] = sources.get(str(r.meta.get("source", "unknown")), 0) + 1
+    run_.metrics.update({"train_pairs": len(train), "valid_pairs": len(valid), "dropped_held_out_prompt": dropped,
+                         **{f"train_source_{k}": v for k, v in sources.items()}})
+    print(f"preferences: {len(train)} train pairs ({sources}), {len(valid)} validation pairs, {dropped} dropped "
+          f"(prompt held out)", flush=True)
+    return run_.finish()
+
+
+# ---------------------------------------------------------------- planning
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> list[str]:
+    """{'train': {'lr': 1e-4}} -> ['train.lr=0.0001'] (values as JSON, which the override parser reads as YAML)."""
+    out = []
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out += flatten(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={json.dumps(value)}")
+    return out
+
+
+def fields_of(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def wiring(cfg: Config, root: Path, enabled: set[str]) -> dict[str, dict[str, Any]]:
+    """The keys the pipeline sets for each step: where it writes, and which upstream folders it reads."""
+    d = {name: str(root / name) for name in ORDER}
+    policies = [name for name in ("ppo", "dpo") if name in enabled]
+    judge_spec = judge_of(cfg) if "judge" in enabled else None
+    return {
+        "sft": {"model": cfg.model},
+        "import": {"inputs": list(cfg.human), "model": cfg.model},
+        "generate": {"model": d["sft"], "prompts": cfg.prompts},
+        "judge": {"samples": d["generate"], **({"human": d["import"]} if "import" in enabled else {})},
+        "preferences": {"inputs": [d[n] for n in ("import", "judge") if n in enabled],
+                        "validation": [d["import"]] if "import" in enabled else []},
+        "reward": {"model": d["sft"], "data": {"train": f"{d['preferences']}/train.jsonl",
+                                               "validation": f"{d['preferences']}/valid.jsonl"}},
+        "ppo": {"policy": d["sft"], "reward": {"model": d["reward"], "function": ""},
+                "data": {"prompts": cfg.prompts, "eval_prompts": cfg.eval_prompts}},
+        "dpo": {"policy": d["sft"], "data": {"train": f"{d['preferences']}/train.jsonl",
+                                             "validation": f"{d['preferences']}/valid.jsonl"},
+                "eval": {"reward": {"model": d["reward"], "function": ""}}},
+        "eval": {"sft": d["sft"], "policies": [d[p] for p in policies], "names": policies,
+                 "reward_model": d["reward"], "prompts": cfg.eval_prompts,
+                 "training_judges": [judge_spec] if judge_spec else []},
+        "report": {"run_dir": str(root), "output_dir": d["report"]},
+    }
+
+
+def recipe_for(cfg: Config, name: str, stage: str) -> Path | None:
+    step = cfg.steps.get(name, Step())
+    if step.recipe:
+        return Path(step.recipe)
+    for folder in (Path(cfg.recipes), Path("stages")):
+        if (folder / f"{stage}.yaml").is_file():
+            return folder / f"{stage}.yaml"
+    return None
+
+
+def judge_of(cfg: Config) -> str:
+    """The judge the judge step will use (recipe, then overrides), to tell eval which judge labelled data."""
+    from align.stages import judge
+
+    step = cfg.steps.get("judge", Step())
+    return load_config(judge.Config, recipe_for(cfg, "judge", "judge"), flatten(step.overrides)).judge
+
+
+def stage_entry(stage: str) -> tuple[type, Callable[[Any], Path]]:
+    """(Config class, run function) of a stage module, or of the built-in preferences step."""
+    from align.cli import STAGES
+
+    if stage == "preferences":
+        return PreferencesConfig, merge_preferences
+    if stage not in STAGES or importlib.util.find_spec(STAGES[stage]) is None:
+        raise ConfigError(f"pipeline: stage {stage!r} is not installed (no module {STAGES.get(stage, stage)}); "
+                          f"disable the step with steps.{stage}.enabled=false")
+    module = importlib.import_module(STAGES[stage])
+    return module.Config, module.run
+
+
+def plan(cfg: Config) -> list[PlannedStep]:
+    """The enabled steps in order, each with its recipe and its overrides (wiring, then the user's)."""
+    unknown = sorted(set(cfg.steps) - set(ORDER))
+    if unknown:
+        raise ConfigError(f"steps: unknown step(s) {', '.join(unknown)}; the steps are {', '.join(ORDER)}")
+    if cfg.until and cfg.until not in ORDER:
+        raise ConfigError(f"until={cfg.until!r} is not a step; use one of {', '.join(ORDER)}")
+    root = Path(cfg.output_dir)
+    enabled = {n for n in ORDER if cfg.steps.get(n, Step()).enabled}
+    wired = wiring(cfg, root, enabled)
+    out = []
+    for name in ORDER:
+        if name not in enabled:
+            continue
+        config_cls, run_fn = stage_entry(name)
+        keys = fields_of(config_cls)
+        base: dict[str, Any] = {"output_dir": str(root / name), **wired[name]}
+        if "seed" in keys:
+            base["seed"] = cfg.seed
+        out.append(PlannedStep(name=name, stage=name, config_cls=config_cls, run=run_fn,
+                               recipe=recipe_for(cfg, name, name) if name != "preferences" else None,
+                               overrides=flatten(base) + flatten(cfg.steps.get(name, Step()).overrides),
+                               dir=root / name, always=name == "report"))
+        if name == cfg.until:
+            break
+    return out
+
+
+# ---------------------------------------------------------------- fingerprints
+
+def run_outputs_digest(run_dir: Path, cache: dict[Any, str]) -> str:
+    """sha256 over a completed run folder's outputs (name + content), memoised per manifest version."""
+    manifest_path = run_dir / "manifest.json"
+    key = (str(run_dir.resolve()), manifest_path.stat().st_mtime_ns)
+    if key not in cache:
+        outputs = (read_manifest(run_dir) or {}).get("outputs", {})
+        h = hashlib.sha256(json.dumps((read_manifest(run_dir) or {}).get("status")).encode())
+        for name, rel in sorted(outputs.items()):
+            path = run_dir / rel
+            h.update(f"{name}={sha256_path(path) if path.exists() else 'missing'};".encode())
+        cache[key] = h.hexdigest()
+    return cache[key]
+
+
+def path_digests(config: Any, cache: dict[Any, str]) -> dict[str, str]:
+    """Hashes of every existing path a config names (run folders by their outputs, files and folders by content)."""
+    found: dict[str, str] = {}
+
+    def visit(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k not in NOT_FINGERPRINTED:
+                    visit(v, f"{key}.{k}" if key else k)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                visit(v, f"{key}[{i}]")
+        elif isinstance(value, str) and value and len(value) < 4096:
+            path = Path(value)
+            if not path.exists():
+                return
+            if (path / "manifest.json").is_file():
+                found[key] = "run:" + run_outputs_digest(path, cache)
+            else:
+                stat = path.stat()
+                cache_key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+                if cache_key not in cache:
+                    cache[cache_key] = sha256_path(path)
+                found[key] = cache[cache_key]
+
+    visit(config, "")
+    return found
+
+
+def fingerprint(stage: str, config: dict[str, Any], cache: dict[Any, str]) -> str:
+    """sha256 of (stage, resolved config minus how-to-run keys, hashes of every path it reads)."""
+    what = {k: v for k, v in config.items() if k not in NOT_FINGERPRINTED}
+    payload = {"stage": stage, "config": what, "inputs": path_digests(what, cache)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- running
+
+def step_config(step: PlannedStep, extra: list[str] = ()) -> Any:
+    return load_config(step.config_cls, step.recipe, step.overrides + list(extra))
+
+
+def how_to_run(step: PlannedStep, record: dict[str, Any], fp: str, force: bool) -> tuple[str, list[str]]:
+    """('skip' | 'resume' | 'run', extra overrides) from the step's manifest and the last recorded fingerprint."""
+    manifest = read_manifest(step.dir)
+    same = record.get("fingerprint") == fp
+    if manifest and manifest.get("status") == "completed" and same and not force and not step.always:
+        return "skip", []
+    keys = fields_of(step.config_cls)
+    started = step.dir.is_dir() and any(step.dir.iterdir())
+    if started and same and not force and manifest and manifest.get("status") != "completed" and "resume" in keys:
+        return "resume", ["resume=true", "overwrite=false"] if "overwrite" in keys else ["resume=true"]
+    extra = ["overwrite=true"] if "overwrite" in keys else []
+    return "run", extra + (["resume=false"] if "resume" in keys else [])
+
+
+def release_memory() -> None:
+    """Between in-process stages: drop models, and accelerate's process-wide state (a stage may set it up
+    differently from the last, e.g. another mixed-precision mode)."""
+    gc.collect()
+    try:
+        from accelerate.state import AcceleratorState, PartialState
+
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+    except (ImportError, AttributeError):
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def execute(steps: list[PlannedStep], root: Path, config: dict[str, Any], force: bool = False,
+            inputs: list[str] = ()) -> dict[str, Any]:
+    """Run (or skip) `steps` in order, keeping the pipeline manifest in `root` up to date after each one.
+
+    Returns the per-step records {status, seconds, run_seconds, fingerprint, dir, recipe}.
+    """
+    previous = (read_manifest(root) or {}).get("steps", {})
+    records: dict[str, dict[str, Any]] = {}
+    top = Run(dir=root, stage="pipeline", config=config, started_at=now())
+    for path in inputs:
+        if Path(path).exists():
+            top.add_input(path)
+    top.extra["steps"] = records
+    cache: dict[Any, str] = {}
+    t_all = time.perf_counter()
+    for step in steps:
+        record = dict(previous.get(step.name, {}))
+        fp = fingerprint(step.stage, to_dict(step_config(step)), cache)
+        action, extra = how_to_run(step, record, fp, force)
+        record.update({"dir": step.dir.name, "recipe": str(step.recipe) if step.recipe else None, "fingerprint": fp})
+        records[step.name] = record
+        if action == "skip":
+            record.update({"status": "skipped", "seconds": 0.0})
+            print(f"pipeline: {step.name}: unchanged since its last run, skipped", flush=True)
+            continue
+        record.update({"status": "running", "started_at": now(), "seconds": None})
+        top.write_manifest("running")
+        print(f"pipeline: {step.name}: {'resuming' if action == 'resume' else 'running'} "
+              f"({step.recipe or 'built-in'} -> {step.dir})", flush=True)
+        t0 = time.perf_counter()
+        try:
+            step.run(step_config(step, extra))
+        except BaseException as e:
+            record.update({"status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                           "seconds": time.perf_counter() - t0, "error": f"{type(e).__name__}: {e}"[:500]})
+            top.write_manifest("failed")
+            raise
+        finally:
+            release_memory()
+        seconds = time.perf_counter() - t0
+        record.pop("error", None)
+        record.update({"status": "resumed" if action == "resume" else "ran", "seconds": seconds,
+                       "run_seconds": seconds, "finished_at": now()})
+        top.write_manifest("running")
+    top.metrics.update({f"seconds_{name}": r.get("seconds") or 0.0 for name, r in records.items()})
+    top.metrics.update({f"run_seconds_{name}": r.get("run_seconds") or 0.0 for name, r in records.items()})
+    top.metrics["seconds_total"] = time.perf_counter() - t_all
+    top.metrics["run_seconds_total"] = sum(r.get("run_seconds") or 0.0 for r in records.values())
+    top.write_manifest("completed")
+    return records
+
+
+def print_summary(records: dict[str, dict[str, Any]], total: float) -> None:
+    print(f"\n{'step':<12} {'status':<9} {'this run':>10} {'last run':>10}")
+    for name, r in records.items():
+        print(f"{name:<12} {r['status']:<9} {r.get('seconds') or 0.0:>9.1f}s {r.get('run_seconds') or 0.0:>9.1f}s")
+    print(f"{'total':<12} {'':<9} {total:>9.1f}s "
+          f"{sum(r.get('run_seconds') or 0.0 for r in records.values()):>9.1f}s", flush=True)
+
+
+def run(cfg: Config) -> Path:
+    from align.stages.eval import print_table, read_eval
+
+    root = Path(cfg.output_dir)
+    if cfg.overwrite and root.exists():
+        shutil.rmtree(root)
+    steps = plan(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    records = execute(steps, root, to_dict(cfg), force=cfg.force,
+                      inputs=[*cfg.human, cfg.prompts, cfg.eval_prompts])
+    print_summary(records, time.perf_counter() - t0)
+    if "eval" in records:
+        evaluation = read_eval(root / records["eval"]["dir"])
+        if evaluation:
+            print()
+            print_table(evaluation)
+    return root

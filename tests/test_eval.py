@@ -1,0 +1,141 @@
+"""`align eval` on tiny models: same seeds give the same samples, KL against the adapter-disabled base,
+reward-model means, win rates by score and pairwise judges (both orders), and the written artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import write_jsonl
+
+from align.config import load_config
+from align.errors import ConfigError
+from align.judges import Verdict
+from align.stages import eval as eval_stage
+
+N_PROMPTS = 4
+
+
+def fewer_words(prompt: list, response: str) -> float:
+    """A rules judge for the tests: shorter is better."""
+    return -float(len(response.split()))
+
+
+class AlwaysFirst:
+    """A pairwise judge with pure position bias: it always picks response a."""
+
+    def judge(self, prompts: list, response_pairs: list) -> list[Verdict]:
+        return [Verdict("a", reason="first") for _ in response_pairs]
+
+
+def make_adapter(base: Path, out: Path, perturb: float) -> Path:
+    """A LoRA adapter on `base`; perturb=0 leaves lora_B at zero (the adapter changes nothing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name and perturb:
+            p.data.normal_(0.0, perturb)
+    model.save_pretrained(out)
+    return out
+
+
+def make_reward_model(base: Path, out: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig.from_pretrained(base)
+    config.num_labels = 1
+    torch.manual_seed(2)
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval_models")
+    return {"sft": tiny_model, "zero": make_adapter(tiny_model, root / "zero", 0.0),
+            "moved": make_adapter(tiny_model, root / "moved", 0.5),
+            "rm": make_reward_model(tiny_model, root / "rm")}
+
+
+@pytest.fixture
+def prompts(tmp_path: Path) -> Path:
+    rows = [{"prompt": [{"role": "user", "content": f"How do I keep ingredient {i} fresh?"}]}
+            for i in range(N_PROMPTS)]
+    return write_jsonl(tmp_path / "eval.jsonl", rows)
+
+
+def config(tmp_path: Path, prompts: Path, models: dict[str, Path], *extra: str) -> eval_stage.Config:
+    return load_config(eval_stage.Config, Path("stages/tiny/eval.yaml"), [
+        f"sft={models['sft']}", f"prompts={prompts}", f"reward_model={models['rm']}",
+        f"output_dir={tmp_path / 'eval'}", "judge=test_eval:fewer_words", "sampling.max_new_tokens=8",
+        f"max_prompts={N_PROMPTS}", *extra])
+
+
+def test_eval_adapters_kl_rewards_and_outputs(tmp_path: Path, prompts: Path, models: dict[str, Path]) -> None:
+    cfg = config(tmp_path, prompts, models, f"policies=[{models['zero']}, {models['moved']}]",
+                 "training_judges=[llm]")
+    out = eval_stage.run(cfg)
+    report = json.loads((out / "eval.json").read_text())
+    rows = {r["name"]: r for r in report["policies"]}
+    assert list(rows) == ["sft", "zero", "moved"]
+    # A zero LoRA is its base model: same samples as SFT (same seeds), KL exactly zero, all ties.
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 * N_PROMPTS
+    text = {(s["policy"], s["index"]): s["response"] for s in samples}
+    assert all(text[("zero", i)] == text[("sft", i)] for i in range(N_PROMPTS))
+    assert rows["zero"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)
+    assert rows["zero"]["win_rate"]["ties"] == N_PROMPTS and rows["zero"]["win_rate"]["rate"] == 0.5
+    assert rows["zero"]["reward_mean"] == pytest.approx(rows["sft"]["reward_mean"], abs=1e-5)
+    # A moved adapter samples differently and sits at a positive KL from its adapter-disabled base.
+    assert any(text[("moved", i)] != text[("sft", i)] for i in range(N_PROMPTS))
+    assert rows["moved"]["kl_to_reference"] > 0.01
+    assert "adapter disabled" in rows["moved"]["reference"]
+    assert rows["sft"]["kl_to_reference"] is None and rows["sft"]["win_rate"] is None  # full-model SFT
+    # win counts agree with the judge scores written per sample
+    moved = [s for s in samples if s["policy"] == "moved"]
+    base = {s["index"]: s["judge"] for s in samples if s["policy"] == "sft"}
+    assert rows["moved"]["win_rate"]["wins"] == sum(s["judge"] > base[s["index"]] for s in moved)
+    assert rows["moved"]["judge_mean"] == pytest.approx(sum(s["judge"] for s in moved) / N_PROMPTS)
+    assert all(isinstance(s["reward"], float) for s in samples)
+    assert report["judge"] == {"name": "test_eval:fewer_words", "kind": "score", "training_judges": ["llm"],
+                               "differs_from_training_judge": True}
+    assert len(report["side_by_side"]) == 3 and set(report["side_by_side"][0]["responses"]) == {"sft", "zero",
+                                                                                                "moved"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["metrics"]["moved_win_rate"] >= 0.0
+    assert manifest["metrics"]["zero_win_ties"] == N_PROMPTS
+
+
+def test_pairwise_judge_is_asked_in_both_orders(tmp_path: Path, prompts: Path, models: dict[str, Path]) -> None:
+    cfg = config(tmp_path, prompts, models, f"policies=[{models['moved']}]", "reward_model=",
+                 "judge=test_eval:AlwaysFirst", "max_prompts=3")
+    report = json.loads((eval_stage.run(cfg) / "eval.json").read_text())
+    moved = report["policies"][1]
+    # pure position bias: the policy wins as "a" and loses as "b" on every prompt -> all ties, all flips
+    assert moved["win_rate"]["ties"] == 3 and moved["position_flips"] == 3
+    assert moved["reward_mean"] is None and report["judge"]["kind"] == "pairwise"
+
+
+def test_judge_identities_see_through_names() -> None:
+    ids = eval_stage.judge_identities
+    house = "align.judges.house_style:house_style_score"
+    assert ids("house_style") == {house} == ids(house)  # the shipped rules spec is that function
+    assert house in ids("demo_ensemble")  # an ensemble is judged by its members
+    assert not ids("llm") & ids(house)
+
+
+def test_eval_config_errors(tmp_path: Path, prompts: Path, models: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="one name per policy"):
+        eval_stage.run(config(tmp_path, prompts, models, f"policies=[{models['moved']}]", "names=[a, b]"))
+    with pytest.raises(ConfigError, match="not found"):
+        eval_stage.run(config(tmp_path, prompts, models, f"policies=[{models['moved']}]", "judge=judges/nope.yaml"))
+    with pytest.raises(ConfigError, match="policies is empty"):
+        eval_stage.run(config(tmp_path, prompts, models, "policies=[]"))

@@ -1,0 +1,200 @@
+"""The pipeline: fingerprints and skipping on fake stages (fast), recipes and wiring against every real stage's
+Config (fast), and the whole pipeline on tiny models (slow)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import write_jsonl
+
+from align.config import load_config, opt
+from align.runs import read_manifest, start_run
+from align.stages import pipeline
+from align.stages.pipeline import PlannedStep, execute
+
+CALLS: list[tuple[str, bool, bool]] = []
+INTERRUPT: set[str] = set()
+
+
+@dataclass(frozen=True)
+class FakeConfig:
+    input: str = opt("", "a file or an upstream run folder")
+    value: int = opt(0, "appended to the output")
+    note: str = opt("", "changes the config but not the output")
+    output_dir: str = opt("", "where")
+    overwrite: bool = opt(False, "clear")
+    resume: bool = opt(False, "continue")
+    seed: int = opt(0, "seed")
+
+
+def fake_run(cfg: FakeConfig) -> Path:
+    """Reads its input (a file or a run folder's out.txt) and writes out.txt = input + '+value'."""
+    CALLS.append((Path(cfg.output_dir).name, cfg.resume, cfg.overwrite))
+    run_ = start_run("fake", cfg, resume=cfg.resume)
+    src = Path(cfg.input)
+    text = (src / "out.txt" if src.is_dir() else src).read_text() if cfg.input else ""
+    if Path(cfg.output_dir).name in INTERRUPT:
+        INTERRUPT.discard(Path(cfg.output_dir).name)
+        raise KeyboardInterrupt
+    (run_.dir / "out.txt").write_text(f"{text}+{cfg.value}")
+    run_.add_output("out", run_.dir / "out.txt")
+    return run_.finish()
+
+
+def fake_steps(root: Path, data: Path, values: dict[str, int] | None = None, note: str = "") -> list[PlannedStep]:
+    """a reads the data file, b reads a's run folder, c reads b's."""
+    values = values or {}
+    inputs = {"a": str(data), "b": str(root / "a"), "c": str(root / "b")}
+    return [PlannedStep(name=n, stage="fake", config_cls=FakeConfig, run=fake_run, recipe=None,
+                        overrides=[f"input={inputs[n]}", f"output_dir={root / n}", f"value={values.get(n, 0)}",
+                                   f"note={note if n == 'b' else ''}"], dir=root / n) for n in "abc"]
+
+
+def run_fake(root: Path, data: Path, force: bool = False, **kw) -> dict[str, str]:
+    CALLS.clear()
+    records = execute(fake_steps(root, data, **kw), root, {"fake": True}, force=force)
+    return {name: r["status"] for name, r in records.items()}
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    path = tmp_path / "data.txt"
+    path.write_text("x")
+    return path
+
+
+def test_second_run_skips_everything_and_force_reruns(tmp_path: Path, data: Path) -> None:
+    root = tmp_path / "pipe"
+    assert run_fake(root, data) == {"a": "ran", "b": "ran", "c": "ran"}
+    assert (root / "c" / "out.txt").read_text() == "x+0+0+0"
+    assert run_fake(root, data) == {"a": "skipped", "b": "skipped", "c": "skipped"} and CALLS == []
+    assert run_fake(root, data, force=True) == {"a": "ran", "b": "ran", "c": "ran"}
+    assert all(overwrite for _, _, overwrite in CALLS)  # a forced step starts from an empty folder
+    manifest = read_manifest(root)
+    assert manifest["stage"] == "pipeline" and manifest["status"] == "completed"
+    assert set(manifest["steps"]) == {"a", "b", "c"} and manifest["steps"]["b"]["run_seconds"] > 0
+    assert manifest["metrics"]["run_seconds_total"] >= manifest["metrics"]["run_seconds_b"] > 0
+
+
+def test_changes_rerun_the_step_and_only_what_its_output_changes(tmp_path: Path, data: Path) -> None:
+    root = tmp_path / "pipe"
+    run_fake(root, data)
+    # b's config changes and so does its output: b and c re-run, a does not
+    assert run_fake(root, data, values={"b": 5}) == {"a": "skipped", "b": "ran", "c": "ran"}
+    assert (root / "c" / "out.txt").read_text() == "x+0+5+0"
+    # b's config changes but its output is byte-identical: c's inputs did not change, so c is skipped
+    assert run_fake(root, data, values={"b": 5}, note="n") == {"a": "skipped", "b": "ran", "c": "skipped"}
+    # the data file changes: everything downstream of it re-runs
+    data.write_text("y")
+    assert run_fake(root, data, values={"b": 5}, note="n") == {"a": "ran", "b": "ran", "c": "ran"}
+    assert (root / "c" / "out.txt").read_text() == "y+0+5+0"
+
+
+def test_an_incomplete_step_is_not_skipped(tmp_path: Path, data: Path) -> None:
+    root = tmp_path / "pipe"
+    run_fake(root, data)
+    manifest = json.loads((root / "b" / "manifest.json").read_text())
+    (root / "b" / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    statuses = run_fake(root, data)
+    assert statuses["a"] == "skipped" and statuses["b"] in ("resumed", "ran")
+
+
+def test_interrupted_pipeline_continues_where_it_stopped(tmp_path: Path, data: Path) -> None:
+    root = tmp_path / "pipe"
+    INTERRUPT.add("b")
+    with pytest.raises(KeyboardInterrupt):
+        run_fake(root, data)
+    manifest = read_manifest(root)
+    assert manifest["status"] == "failed" and manifest["steps"]["b"]["status"] == "interrupted"
+    assert "c" not in manifest["steps"] and read_manifest(root / "b")["status"] == "running"
+    # the re-run skips a, resumes b (same config and inputs, the stage can resume) and runs c
+    assert run_fake(root, data) == {"a": "skipped", "b": "resumed", "c": "ran"}
+    assert ("b", True, False) in CALLS
+    assert (root / "c" / "out.txt").read_text() == "x+0+0+0"
+
+
+def test_flatten_overrides_round_trip() -> None:
+    flat = pipeline.flatten({"train": {"lr": 1e-4, "epochs": 1}, "policies": ["a", "b"], "judge": "llm",
+                             "names": [], "x": {}})
+    assert flat == ['train.lr=0.0001', 'train.epochs=1', 'policies=["a", "b"]', 'judge="llm"', 'names=[]', 'x={}']
+    assert pipeline.fingerprint("s", {"a": 1, "overwrite": True}, {}) == pipeline.fingerprint("s", {"a": 1}, {})
+    assert pipeline.fingerprint("s", {"a": 1}, {}) != pipeline.fingerprint("s", {"a": 2}, {})
+
+
+def test_preferences_step_concatenates_and_keeps_held_out_prompts_out(tmp_path: Path) -> None:
+    def pair(q: str, source: str) -> dict:
+        return {"prompt": [{"role": "user", "content": q}], "chosen": f"good {q}", "rejected": f"bad {q}",
+                "meta": {"source": source}}
+
+    human = write_jsonl(tmp_path / "human.jsonl", [pair("q1", "human"), pair("q2", "human")])
+    valid = write_jsonl(tmp_path / "valid.jsonl", [pair("q3", "human")])
+    ai = write_jsonl(tmp_path / "ai.jsonl", [pair("q4", "ai"), pair("q3", "ai")])
+    none = write_jsonl(tmp_path / "none.jsonl", [])  # a judge that abstained on everything
+    out = pipeline.merge_preferences(pipeline.PreferencesConfig(
+        inputs=[str(human), str(ai), str(none)], validation=[str(valid)], output_dir=str(tmp_path / "prefs")))
+    train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert [r["prompt"][0]["content"] for r in train] == ["q1", "q2", "q4"]
+    m = read_manifest(out)["metrics"]
+    assert (m["train_pairs"], m["valid_pairs"], m["dropped_held_out_prompt"]) == (3, 1, 1)
+    assert (m["train_source_human"], m["train_source_ai"]) == (2, 1)
+
+
+@pytest.mark.parametrize("recipe", ["stages/pipeline.yaml", "stages/tiny/pipeline.yaml"])
+def test_recipes_wire_every_stage(recipe: str, tmp_path: Path) -> None:
+    """Every step's recipe + wiring + overrides loads against that stage's Config (no drifted keys)."""
+    cfg = load_config(pipeline.Config, Path(recipe), [f"output_dir={tmp_path / 'p'}"])
+    steps = pipeline.plan(cfg)
+    assert [s.name for s in steps] == list(pipeline.ORDER)
+    for step in steps:
+        stage_cfg = pipeline.step_config(step)
+        assert Path(stage_cfg.output_dir) == tmp_path / "p" / step.name
+    evaluation = pipeline.step_config(steps[pipeline.ORDER.index("eval")])
+    assert evaluation.policies == [str(tmp_path / "p" / "ppo"), str(tmp_path / "p" / "dpo")]
+    assert evaluation.training_judges  # eval knows which judge labelled the AI pairs
+    with pytest.raises(Exception, match="unknown step"):
+        pipeline.plan(load_config(pipeline.Config, Path(recipe), ["steps.nope.enabled=false"]))
+
+
+def test_disabled_policy_is_left_out_of_eval(tmp_path: Path) -> None:
+    cfg = load_config(pipeline.Config, Path("stages/tiny/pipeline.yaml"),
+                      [f"output_dir={tmp_path}", "steps.dpo.enabled=false", "until=eval"])
+    steps = pipeline.plan(cfg)
+    assert [s.name for s in steps][-2:] == ["ppo", "eval"]
+    assert pipeline.step_config(steps[-1]).policies == [str(tmp_path / "ppo")]
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
+    """The real pipeline on a tiny random model: every step completes, a re-run skips everything, and the
+    report shows the evaluation."""
+    from align.stages.report import find_stage_runs
+
+    overrides = [f"model={tiny_model}", f"output_dir={tmp_path / 'pipe'}"]
+    cfg = load_config(pipeline.Config, Path("stages/tiny/pipeline.yaml"), overrides)
+    root = pipeline.run(cfg)
+    manifest = read_manifest(root)
+    assert manifest["status"] == "completed"
+    assert {s["status"] for s in manifest["steps"].values()} == {"ran"}
+    for run in find_stage_runs(root):
+        assert run.manifest["status"] == "completed", run.name
+    evaluation = json.loads((root / "eval" / "eval.json").read_text())
+    assert [p["name"] for p in evaluation["policies"]] == ["sft", "ppo", "dpo"]
+    # the tiny recipe labels AI pairs with house_style, the same judge eval uses: the report must say so
+    assert evaluation["judge"]["training_judges"] == ["house_style"]
+    assert evaluation["judge"]["differs_from_training_judge"] is False
+    assert all(p["win_rate"]["n"] + p["win_rate"]["abstains"] > 0 for p in evaluation["policies"][1:])
+    html = (root / "report" / "report.html").read_text()
+    assert html.count('<tr class="eval-row">') == 3 and 'src="data:image/png;base64,' in html
+
+    again = pipeline.run(load_config(pipeline.Config, Path("stages/tiny/pipeline.yaml"), overrides))
+    steps = read_manifest(again)["steps"]
+    assert {n: s["status"] for n, s in steps.items() if n != "report"} == {n: "skipped" for n in steps if
+                                                                           n != "report"}
+    # a PPO change re-runs PPO and what reads it (eval), nothing upstream and not DPO
+    changed = pipeline.run(load_config(pipeline.Config, Path("stages/tiny/pipeline.yaml"),
+                                       overrides + ["steps.ppo.overrides.seed=7"]))
+    steps = read_manifest(changed)["steps"]
+    assert [n for n, s in steps.items() if s["status"] == "ran"] == ["ppo", "eval", "report"]

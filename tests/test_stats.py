@@ -1,0 +1,61 @@
+"""Win rates and Wilson intervals against numbers computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from align.stats import combine_orders, count_outcomes, score_outcome, wilson_interval, win_rate
+
+
+def test_wilson_8_of_10_matches_hand_computation() -> None:
+    # z = 1.96: p = 0.8, z²/n = 0.38416; centre = (0.8 + 0.19208) / 1.38416 = 0.716738
+    # half = 1.96 / 1.38416 * sqrt(0.8 * 0.2 / 10 + 3.8416 / 400) = 1.416021 * 0.160012 = 0.226581
+    low, high = wilson_interval(8, 10, z=1.96)
+    assert low == pytest.approx(0.716738 - 0.226581, abs=1e-5)
+    assert high == pytest.approx(0.716738 + 0.226581, abs=1e-5)
+
+
+def test_wilson_extremes_stay_inside_zero_one() -> None:
+    # 0 of 10: centre = half = 0.19208 / 1.38416 = 0.138770, so (0, 0.277540)
+    low, high = wilson_interval(0, 10, z=1.96)
+    assert low == 0.0 and high == pytest.approx(0.277540, abs=1e-5)
+    low, high = wilson_interval(10, 10, z=1.96)
+    assert low == pytest.approx(1 - 0.277540, abs=1e-5) and high <= 1.0
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_win_rate_counts_ties_half_and_drops_abstains() -> None:
+    wr = win_rate(wins=6, losses=2, ties=2, abstains=5)
+    assert wr.n == 10 and wr.abstains == 5
+    assert wr.rate == pytest.approx(0.7)
+    low, high = wilson_interval(7, 10)
+    assert (wr.low, wr.high) == (low, high)
+    # a 30/50 rate is not significantly above one half, 40/50 is
+    assert win_rate(30, 20).low < 0.5 < win_rate(40, 10).low
+    assert win_rate(0, 0, 0, 3).rate == 0.5 and win_rate(0, 0, 0, 3).to_json()["n"] == 0
+
+
+def test_count_outcomes_and_score_outcome() -> None:
+    wr = count_outcomes(["win", "win", "loss", "tie", "abstain"])
+    assert (wr.wins, wr.losses, wr.ties, wr.abstains) == (2, 1, 1, 1)
+    assert wr.rate == pytest.approx(2.5 / 4)
+    with pytest.raises(ValueError):
+        count_outcomes(["draw"])  # type: ignore[list-item]
+    assert score_outcome(0.9, 0.5) == "win"
+    assert score_outcome(0.5, 0.9) == "loss"
+    assert score_outcome(0.5, 0.55, tie_margin=0.1) == "tie"
+    assert score_outcome(None, 0.5) == "abstain"
+    assert score_outcome(math.nan, 0.5) == "abstain"
+
+
+def test_combine_orders_cancels_position_bias() -> None:
+    assert combine_orders("win", "win") == "win"
+    assert combine_orders("win", "loss") == "tie"  # the judge just preferred one position
+    assert combine_orders("win", "tie") == "win"
+    assert combine_orders("loss", "tie") == "loss"
+    assert combine_orders("abstain", "loss") == "loss"
+    assert combine_orders("abstain", "abstain") == "abstain"
