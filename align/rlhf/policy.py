@@ -1,0 +1,190 @@
+"""The actor-critic module PPO trains, and rollouts as padded tensors.
+
+Layout of a rollout batch: prompts are LEFT-padded and responses RIGHT-padded, so every response starts at the
+same column. The logits and hidden states that predict response token t sit one column earlier, which lets us
+ask the model for only the last R+1 positions (`logits_to_keep`) instead of the whole vocabulary-wide sequence.
+
+Critic choice (`critic.kind`):
+- `value_head` (default): a linear head on the policy's last hidden state, sharing the LoRA-adapted backbone.
+  One forward pass gives logits and values and no second network is held in memory, which is what makes PPO
+  practical on a 2-core CPU. The value loss (scaled by `vf_coef`) also shapes the shared adapter; the head
+  starts at zero so the critic does not disturb the policy before it has learned anything.
+- `reward_model`: a separate critic initialised from the reward model (InstructGPT's choice), with its own LoRA
+  and its score head as the value head. It starts with a sensible notion of "good", and policy and critic do
+  not compete for one adapter, at the cost of a second model and a second forward/backward per minibatch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from align.generation import Sample
+from align.rlhf.core import entropy, logprobs_from_logits
+
+
+@dataclass
+class Rollout:
+    """Padded tensors for a batch of (prompt, response) samples.
+
+    input_ids, attention_mask, position_ids: [B, P + R]; response_ids, response_mask: [B, R]
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+
+    @property
+    def response_width(self) -> int:
+        return self.response_ids.shape[1]
+
+    def rows(self, idx: Tensor | slice) -> Rollout:
+        return Rollout(self.input_ids[idx], self.attention_mask[idx], self.position_ids[idx],
+                       self.response_ids[idx], self.response_mask[idx])
+
+    def to(self, device: torch.device) -> Rollout:
+        return Rollout(*(x.to(device) for x in (self.input_ids, self.attention_mask, self.position_ids,
+                                                self.response_ids, self.response_mask)))
+
+
+def collate(samples: list[Sample], pad_id: int) -> Rollout:
+    """Samples -> a Rollout (left-padded prompts, right-padded responses; position ids skip the padding)."""
+    P = max(len(s.prompt_ids) for s in samples)
+    R = max(max(len(s.response_ids) for s in samples), 1)
+    ids, attn, resp, resp_mask = [], [], [], []
+    for s in samples:
+        p_pad, r_pad = P - len(s.prompt_ids), R - len(s.response_ids)
+        ids.append([pad_id] * p_pad + s.prompt_ids + s.response_ids + [pad_id] * r_pad)
+        attn.append([0] * p_pad + [1] * (len(s.prompt_ids) + len(s.response_ids)) + [0] * r_pad)
+        resp.append(s.response_ids + [pad_id] * r_pad)
+        resp_mask.append([1.0] * len(s.response_ids) + [0.0] * r_pad)
+    attention = torch.tensor(attn)
+    # Positions as generate() counts them: left padding does not shift the prompt's positions.
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    return Rollout(torch.tensor(ids), attention, positions, torch.tensor(resp), torch.tensor(resp_mask))
+
+
+class ActorCritic(nn.Module):
+    """The policy (a causal LM, usually a PEFT model) and its critic as ONE module, so that DDP/accelerate sees
+    every trained parameter. forward(rollout) -> (logits [B, R, V], values [B, R]) at the response positions."""
+
+    def __init__(self, policy: nn.Module, critic: nn.Module | None = None) -> None:
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+        if critic is None:
+            hidden = policy.config.get_text_config().hidden_size
+            self.value_head = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        else:
+            self.value_head = None
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                response_width: int) -> tuple[Tensor, Tensor]:
+        keep = response_width + 1  # positions P-1 .. P+R-1; the last one predicts nothing we scored
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          logits_to_keep=keep, output_hidden_states=self.critic is None, use_cache=False)
+        logits = out.logits[:, :-1]
+        if self.critic is None:
+            hidden = out.hidden_states[-1][:, -keep:-1]
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        else:
+            c = self.critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            output_hidden_states=True, use_cache=False)
+            hidden = c.hidden_states[-1][:, -keep:-1]
+            values = score_head(self.critic)(hidden).squeeze(-1)
+        return logits, values.float()
+
+
+def score_head(classifier: nn.Module) -> nn.Module:
+    """The `score` linear layer of a (possibly PEFT-wrapped) sequence-classification model."""
+    base = classifier.get_base_model() if hasattr(classifier, "get_base_model") else classifier
+    return base.score
+
+
+@contextlib.contextmanager
+def reference_policy(policy: nn.Module, reference: nn.Module | None) -> Iterator[nn.Module]:
+    """The reference model: the same weights with the adapter disabled (no second copy), or a frozen copy when
+    the whole model is trained (`reference` given)."""
+    if reference is not None:
+        yield reference
+    else:
+        with policy.disable_adapter():
+            yield policy
+
+
+@torch.no_grad()
+def score_rollout(model: ActorCritic, reference: nn.Module | None, rollout: Rollout, *, chunk: int,
+                  temperature: float = 1.0) -> dict[str, Tensor]:
+    """Old log-probs, values, reference log-probs and entropy of a rollout, `chunk` rows per forward pass.
+
+    Logits are divided by the sampling temperature, so log-probs are those of the distribution sampled from.
+    Returns tensors [B, R]: logprobs, values, ref_logprobs, entropy.
+    """
+    parts: dict[str, list[Tensor]] = {"logprobs": [], "values": [], "ref_logprobs": [], "entropy": []}
+    R = rollout.response_width
+    for start in range(0, rollout.input_ids.shape[0], chunk):
+        mb = rollout.rows(slice(start, start + chunk))
+        logits, values = model(mb.input_ids, mb.attention_mask, mb.position_ids, R)
+        logits = logits / temperature
+        parts["logprobs"].append(logprobs_from_logits(logits, mb.response_ids))
+        parts["entropy"].append(entropy(logits))
+        parts["values"].append(values)
+        with reference_policy(model.policy, reference) as ref:
+            ref_logits = response_logits(ref, mb)
+        parts["ref_logprobs"].append(logprobs_from_logits(ref_logits / temperature, mb.response_ids))
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def response_logits(model: nn.Module, rollout: Rollout) -> Tensor:
+    """Logits predicting each response token: [B, R, V] (a plain causal LM, no value head)."""
+    R = rollout.response_width
+    return model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                 position_ids=rollout.position_ids, logits_to_keep=R + 1, use_cache=False).logits[:, :-1]
+
+
+def trainable_state(module: nn.Module) -> dict[str, Tensor]:
+    """Every trainable parameter by name (the LoRA adapter and the value head / critic adapter)."""
+    return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module: nn.Module, state: dict[str, Tensor], where: str) -> None:
+    params = dict(module.named_parameters())
+    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in state)
+    unknown = sorted(set(state) - set(params))
+    if missing or unknown:
+        raise ValueError(f"{where}: checkpoint does not match this model (missing {missing[:3]}, unexpected "
+                         f"{unknown[:3]}); resume with the same policy, peft and critic settings")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def describe_samples(samples: list[Sample]) -> dict[str, float]:
+    """Response length statistics of a batch of samples."""
+    lengths = [len(s.response_ids) for s in samples]
+    return {"response_length": sum(lengths) / max(len(lengths), 1),
+            "truncated_fraction": sum(not s.finished for s in samples) / max(len(samples), 1)}
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def point_adapter_at(adapter_dir: Path, source: Path) -> None:
+    """Record the absolute path of the model an adapter was trained on (itself possibly the SFT adapter, which
+    `align.models.load.load_model` merges first), so the adapter reloads from anywhere."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data["base_model_name_or_path"] = str(Path(source).resolve())
+    path.write_text(json.dumps(data, indent=2))

@@ -1,0 +1,163 @@
+"""DPO: direct preference optimisation with TRL's DPOTrainer on the canonical preference files, LoRA actor.
+
+The policy starts from the SFT output (an adapter is merged first) with a fresh adapter; the reference is the
+same weights without that adapter's effect, so no second model is loaded. (TRL 1.16 keeps a frozen copy of the
+fresh adapter as its "ref" adapter; a fresh LoRA/DoRA is an identity, so that equals the adapter-disabled model.)
+
+β: the loss sees the implicit reward r(x, y) = β·log(π(y|x) / π_ref(y|x)). Larger β keeps the policy closer to
+the reference (the sigmoid loss saturates after smaller log-ratio changes); smaller β lets it move further.
+Typical: 0.1 (sigmoid), 0.1-0.5 for ipo (where β is the regulariser τ), 0.1 with label_smoothing 0.1 (robust).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from align.config import opt
+from align.data.records import read_preferences, read_prompts
+from align.errors import ConfigError
+from align.generation import SamplingSettings
+from align.models.peft import ADAPTER_METHODS, PeftSettings
+from align.rewards import RewardSettings
+from align.training import TrainSettings
+
+DPO_METHODS = ("lora", "qlora", "dora", "ia3", "full")  # adapters whose disabled state is the reference, or full
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    train: str = opt("runs/import/train.jsonl", "canonical preference JSONL (prompt, chosen, rejected)")
+    validation: str = opt("runs/import/valid.jsonl", "validation preference JSONL ('' for none)")
+    max_length: int = opt(512, "max tokens of prompt + response; longer pairs are truncated by TRL")
+
+
+@dataclass(frozen=True)
+class DPOSettings:
+    beta: float = opt(0.1, "strength of the pull towards the reference: implicit reward = β·log(π/π_ref); "
+                           "larger β = smaller steps away from the reference (ipo: the regulariser τ)")
+    loss_type: str = opt("sigmoid", "sigmoid (DPO) | ipo | hinge (SLiC) | robust (noisy labels, use "
+                                    "label_smoothing) | exo_pair | nca_pair | bco_pair | sppo_hard | aot | apo_zero "
+                                    "| apo_down | discopop | sigmoid_norm")
+    label_smoothing: float = opt(0.0, "robust/exo: assumed probability that a label is flipped (robust: < 0.5)")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    prompts: str = opt("data/prompts/eval.jsonl", "held-out prompts for the reward before/after check")
+    size: int = opt(16, "held-out prompts to sample (0: skip the check)")
+    reward: RewardSettings = opt(RewardSettings(), "reward for the check (the trained reward model by default)")
+    sampling: SamplingSettings = opt(SamplingSettings(max_new_tokens=64), "sampling for the check")
+
+
+@dataclass(frozen=True)
+class Config:
+    policy: str = opt("runs/sft", "the policy to improve: an SFT run folder (adapter merged first) or a model")
+    output_dir: str = opt("runs/dpo", "where the run goes")
+    overwrite: bool = opt(False, "replace an existing output_dir")
+    resume: bool = opt(False, "continue from the last checkpoint in output_dir")
+    seed: int = opt(42, "random seed")
+    dtype: str = opt("auto", "auto (bf16 where fast) | float32 | bfloat16 | float16")
+    trust_remote_code: bool = opt(False, "allow model code from the model folder")
+    data: DataSettings = opt(DataSettings(), "preference data")
+    dpo: DPOSettings = opt(DPOSettings(), "the DPO loss")
+    peft: PeftSettings = opt(PeftSettings(), "parameter-efficient method (the reference is adapter-disabled)")
+    train: TrainSettings = opt(TrainSettings(lr=5e-5), "optimisation")
+    eval: EvalSettings = opt(EvalSettings(), "held-out reward before/after training")
+
+
+def preference_dataset(path: str) -> Any:
+    """Canonical preference records -> a conversational TRL dataset (prompt / chosen / rejected messages)."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}
+                              for r in read_preferences(path)])
+
+
+def run(cfg: Config) -> Path:
+    import torch
+    from trl import DPOConfig, DPOTrainer
+
+    from align.models.load import load_model, load_tokenizer, pick_dtype, resolve_model
+    from align.models.peft import attach_peft, count_parameters
+    from align.rlhf.policy import point_adapter_at
+    from align.runs import start_run
+    from align.training import callbacks, history_metrics, last_checkpoint, precision_flags, trainer_kwargs
+
+    if cfg.dpo.loss_type not in LOSS_TYPES:
+        raise ConfigError(f"dpo.loss_type={cfg.dpo.loss_type!r} is unknown; use one of {', '.join(LOSS_TYPES)}")
+    if cfg.peft.method not in DPO_METHODS:
+        raise ConfigError(f"peft.method={cfg.peft.method} is not supported by DPO here; use one of "
+                          f"{', '.join(DPO_METHODS)}")
+    train_ds = preference_dataset(cfg.data.train)
+    val_ds = preference_dataset(cfg.data.validation) if cfg.data.validation else None
+
+    run_ = start_run("dpo", cfg, resume=cfg.resume)
+    torch.manual_seed(cfg.seed)
+    source = resolve_model(cfg.policy)
+    for path in (cfg.data.train, cfg.data.validation, source):
+        if path:
+            run_.add_input(path)
+    tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+    dtype = pick_dtype(cfg.dtype)
+    model = load_model(source, dtype=cfg.dtype, load_in_4bit=cfg.peft.method == "qlora", merge=True,
+                       trust_remote_code=cfg.trust_remote_code)
+    # Full fine-tuning moves the weights themselves: only then is a frozen copy the reference.
+    ref_model = copy.deepcopy(model).requires_grad_(False).eval() if cfg.peft.method == "full" else None
+    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(
+        len(train_ds) / (cfg.train.batch_size * cfg.train.grad_accum) * cfg.train.epochs)
+    model, trained = attach_peft(model, cfg.peft, total_steps=steps)
+    n_train, n_total = count_parameters(model)
+    print(f"dpo: {trained} ({n_train:,} of {n_total:,} parameters); loss {cfg.dpo.loss_type}, β={cfg.dpo.beta}; "
+          f"{len(train_ds)} pairs", flush=True)
+
+    args = DPOConfig(**trainer_kwargs(cfg.train, run_.dir, seed=cfg.seed, has_eval=val_ds is not None),
+                     **precision_flags(dtype), beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type],
+                     label_smoothing=cfg.dpo.label_smoothing, max_length=cfg.data.max_length)
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                         processing_class=tokenizer, callbacks=callbacks(cfg.train, run_.dir, val_ds is not None))
+    # No evaluation before training: with a fresh adapter the policy IS the reference, so every implicit reward
+    # is 0, the sigmoid loss is ln 2 and the accuracy 0 (ties) — known without a pass over the validation set.
+    trainer.train(resume_from_checkpoint=last_checkpoint(run_.dir) if cfg.resume else None)
+    final_eval = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+    after = final_eval[-1] if final_eval else trainer.evaluate() if val_ds is not None else {}
+
+    out = run_.dir / "model"
+    if cfg.peft.method in ADAPTER_METHODS:
+        trainer.model.save_pretrained(out, selected_adapters=["default"], safe_serialization=True)
+        point_adapter_at(out, source)
+    else:
+        trainer.model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    run_.add_output("model", out)
+    run_.metrics.update(history_metrics(trainer.state.log_history))
+    first = next((h for h in trainer.state.log_history if "loss" in h), {})
+    run_.metrics.update({f"first/{k}": first[k] for k in ("loss", "rewards/accuracies", "rewards/margins") if k in first})
+    run_.metrics.update({"trainable_params": n_train, "total_params": n_total, "train_pairs": len(train_ds)})
+    if cfg.eval.size > 0:
+        held_out_check(cfg, run_, trainer.model, ref_model, tokenizer)
+    print(f"dpo: validation loss {after.get('eval_loss', float('nan')):.4f} (ln 2 = 0.6931 before training), "
+          f"reward accuracy {after.get('eval_rewards/accuracies', float('nan')):.3f}, margin "
+          f"{after.get('eval_rewards/margins', float('nan')):.3f}; model saved to {out}", flush=True)
+    return run_.finish()
+
+
+def held_out_check(cfg: Config, run_: Any, model: Any, reference: Any, tokenizer: Any) -> None:
+    """Reward of the reference's and the policy's samples on held-out prompts, and the policy's KL."""
+    from align.data.records import write_jsonl
+    from align.rewards import load_reward
+    from align.rlhf.evaluate import evaluate_policy
+
+    reward_fn, reward_from = load_reward(cfg.eval.reward)
+    prompts = [r.prompt for r in read_prompts(cfg.eval.prompts)[: cfg.eval.size]]
+    metrics, rows = evaluate_policy(model, reference, tokenizer, prompts, cfg.eval.sampling, reward_fn)
+    write_jsonl(run_.dir / "eval_samples.jsonl", rows)
+    run_.metrics.update(metrics)
+    run_.extra["eval_reward"] = reward_from
+    print(f"dpo: held-out reward ({reward_from}) {metrics['eval/reward_before']:.4f} -> "
+          f"{metrics['eval/reward_after']:.4f}, KL to reference {metrics['eval/kl']:.4f}", flush=True)

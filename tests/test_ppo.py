@@ -1,0 +1,278 @@
+"""PPO stage on tiny models: a toy reward it must raise, artifacts, resume after SIGKILL, critic/PEFT options,
+two processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from align.config import load_config
+from align.errors import ConfigError
+from align.stages import ppo
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "stages" / "tiny" / "ppo.yaml"
+TARGET = "blue"
+MAX_NEW_TOKENS = 12  # stages/tiny/ppo.yaml sampling.max_new_tokens
+
+
+def count_target(prompt: list, response: str) -> float:
+    """Toy reward: how often the word 'blue' appears, per generated-token slot (0..1)."""
+    return response.count(TARGET) / MAX_NEW_TOKENS
+
+
+def count_e(prompt: list, response: str) -> float:
+    """A reward that varies even for a random model's gibberish (for smoke tests)."""
+    return response.count("e") / 10
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models are latency-bound: on a shared 2-core machine one intra-op thread is several times faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_toy_policy(out: Path, tokenizer_dir: Path, target_prob: float = 0.05) -> Path:
+    """A random tiny model that says ' blue' now and then, so PPO has something to reinforce.
+
+    A random model spreads its probability over 49k tokens (no token is ever sampled twice), so we (1) untie and
+    scale up the LM head, which makes each context prefer a few tokens, and (2) point the ' blue' row of the head
+    along the mean final hidden state, scaled so ' blue' gets about `target_prob` of the mass on average: the
+    target is then reachable from every context and a small adapter change can make it more likely.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.data.records import read_prompts
+    from align.generation import SamplingSettings
+    from align.generation.hf import HFSampler
+
+    make_tiny_model(out, tokenizer_dir, seed=0)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    model.config.tie_word_embeddings = False
+    gen = torch.Generator().manual_seed(1)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape, generator=gen) * 0.6)
+    prompts = [r.prompt for r in read_prompts(REPO / "data/prompts/train.jsonl")[:16]]
+    samples = HFSampler(model, tok).generate(prompts, SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=12,
+                                                                       batch_size=16))
+    hidden = []
+    with torch.no_grad():
+        for (s,) in samples:
+            out_ = model(input_ids=torch.tensor([s.prompt_ids + s.response_ids]), output_hidden_states=True)
+            hidden.append(out_.hidden_states[-1][0, len(s.prompt_ids) - 1:])
+        h = torch.cat(hidden)  # [positions, hidden]
+        direction = h.mean(0) / h.mean(0).norm()
+        target = tok.encode(" " + TARGET, add_special_tokens=False)[0]
+        lo, hi = 0.0, 30.0
+        for _ in range(30):  # bisect the scale that gives the target `target_prob` on average
+            model.lm_head.weight[target] = (lo + hi) / 2 * direction
+            p = torch.softmax(h @ model.lm_head.weight.T, -1)[:, target].mean()
+            lo, hi = ((lo + hi) / 2, hi) if p < target_prob else (lo, (lo + hi) / 2)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy_policy(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return make_toy_policy(tmp_path_factory.mktemp("toy_policy"), tokenizer_dir)
+    finally:
+        torch.set_num_threads(n)
+
+
+def config(policy: Path, out: Path, *overrides: str) -> ppo.Config:
+    return load_config(ppo.Config, TINY, [f"policy={policy}", f"output_dir={out}",
+                                          "reward.function=test_ppo:count_target", *overrides])
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ppo_raises_toy_reward(toy_policy: Path, tmp_path: Path, one_thread: None) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run_dir = ppo.run(config(toy_policy, tmp_path / "run", "ppo.steps=8"))
+
+    rows = metrics_rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    first, last = rows[0]["reward/mean"], sum(r["reward/mean"] for r in rows[-2:]) / 2
+    assert last > 2 * first and last > first + 0.1, [r["reward/mean"] for r in rows]
+    assert all(math.isfinite(r["kl/ref"]) for r in rows) and rows[-1]["kl/ref"] > 0
+    for key in ("reward/std", "entropy", "policy/clipfrac", "policy/approx_kl", "loss/value", "loss/policy",
+                "value/explained_variance", "response/length", "time/generate", "time/score", "time/train"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["outputs"]["model"] == "model"
+    assert manifest["metrics"]["eval/reward_after"] >= manifest["metrics"]["eval/reward_before"]
+    assert math.isfinite(manifest["metrics"]["eval/kl"])
+    assert (run_dir / "samples.jsonl").is_file() and any((run_dir / "tb").iterdir())
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-6", "step-8"]
+
+    # Only the adapter was trained: its B matrices moved off zero; the base model is untouched.
+    adapter = run_dir / "model"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(toy_policy)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert weights and all("lora_" in k for k in weights)
+    assert all(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
+    base = AutoModelForCausalLM.from_pretrained(toy_policy)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        original = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, adapter)
+        assert not torch.allclose(tuned(input_ids=ids).logits, original, atol=1e-4)
+        with tuned.disable_adapter():
+            assert torch.equal(tuned(input_ids=ids).logits, original)
+    assert load_file_critic(run_dir)["weight"].abs().sum() > 0
+
+
+def load_file_critic(run_dir: Path) -> dict:
+    return torch.load(run_dir / "critic.pt")
+
+
+def test_ppo_resumes_after_sigkill(toy_policy: Path, tmp_path: Path, one_thread: None) -> None:
+    out = tmp_path / "run"
+    args = [f"policy={toy_policy}", f"output_dir={out}", "reward.function=test_ppo:count_target", "ppo.steps=6",
+            "log.save_every=2", "data.eval_size=0"]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "align.cli", "ppo", str(TINY), *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while not (out / "checkpoints" / "step-2" / "state.json").is_file():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint after 180 s"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    killed_at = max(json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines())
+    assert killed_at < 6
+
+    run_dir = ppo.run(load_config(ppo.Config, TINY, [*args, "resume=true"]))
+    rows = metrics_rows(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # steps after the checkpoint were redone, not doubled
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "completed"
+    assert json.loads((run_dir / "checkpoints" / "step-6" / "state.json").read_text())["step"] == 6
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_ppo_reward_model_reward_and_critic(tiny_model: Path, tmp_path: Path, one_thread: None) -> None:
+    """reward.model = a (tiny) reward-model folder; critic.kind=reward_model; score normalisation and clipping."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).save_pretrained(rm)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(rm)
+    run_dir = ppo.run(load_config(ppo.Config, TINY, [
+        f"policy={tiny_model}", f"output_dir={tmp_path / 'run'}", "reward.function=", f"reward.model={rm}",
+        "critic.kind=reward_model", "shaping.normalize=true", "shaping.clip=2.0", "shaping.missing_eos_penalty=0.5",
+        "ppo.steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.grad_accum=2", "data.eval_size=2"]))
+    rows = metrics_rows(run_dir)
+    assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values())
+    assert all(abs(r["reward/shaped_mean"]) <= 2.0 for r in rows)
+    critic = torch.load(run_dir / "critic.pt")
+    assert any("lora_" in k for k in critic) and any("score" in k for k in critic)
+
+
+@pytest.mark.parametrize("method", ["full", "qlora"])
+def test_ppo_full_and_qlora(method: str, tiny_model: Path, tmp_path: Path, one_thread: None) -> None:
+    run_dir = ppo.run(config(tiny_model, tmp_path / "run", f"peft.method={method}", "ppo.steps=1",
+                             "reward.function=test_ppo:count_e",
+                             "ppo.batch_size=4", "ppo.mini_batch_size=4", "data.eval_size=2"))
+    assert all(math.isfinite(v) for v in metrics_rows(run_dir)[0].values())
+    model = run_dir / "model"
+    assert (model / ("config.json" if method == "full" else "adapter_config.json")).is_file()
+
+
+def test_ppo_on_an_sft_adapter_saves_a_stacked_adapter(tiny_model: Path, tmp_path: Path, one_thread: None) -> None:
+    """policy = an SFT adapter: it is merged, a fresh LoRA trained on top, and the PPO adapter names the SFT
+    adapter as its base, so load_model merges both in order."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.models.load import load_model
+
+    sft = tmp_path / "sft_adapter"
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(sft)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(sft)
+    cfg_path = sft / "adapter_config.json"
+    cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()) | {"base_model_name_or_path": str(tiny_model)}))
+
+    run_dir = ppo.run(config(sft, tmp_path / "run", "reward.function=test_ppo:count_e", "ppo.steps=1",
+                             "ppo.batch_size=4", "ppo.mini_batch_size=4", "data.eval_size=0"))
+    adapter = run_dir / "model"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(sft)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        stacked = load_model(adapter, dtype="float32")(input_ids=ids).logits
+        sft_only = load_model(sft, dtype="float32")(input_ids=ids).logits
+        base = load_model(tiny_model, dtype="float32")(input_ids=ids).logits
+    assert not torch.allclose(sft_only, base, atol=1e-5)  # the SFT adapter is part of the stack
+    assert torch.isfinite(stacked).all() and not torch.equal(stacked, sft_only)  # and the PPO adapter on top
+
+
+def test_ppo_config_errors(tiny_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="top_p"):
+        ppo.run(config(tiny_model, tmp_path / "a", "sampling.top_p=0.9"))
+    with pytest.raises(ConfigError, match="multiple"):
+        ppo.run(config(tiny_model, tmp_path / "b", "ppo.batch_size=6", "ppo.mini_batch_size=4"))
+    with pytest.raises(ConfigError, match="not supported by PPO"):
+        ppo.run(config(tiny_model, tmp_path / "c", "peft.method=prompt_tuning"))
+    with pytest.raises(ConfigError, match="critic.kind"):
+        config(tiny_model, tmp_path / "d", "critic.kind=other")
+
+
+def test_step_prompts_split_processes_and_epochs() -> None:
+    from align.data.records import PromptRecord
+
+    prompts = [PromptRecord(prompt=[{"role": "user", "content": str(i)}]) for i in range(10)]
+    pick = lambda step, rank: [p.prompt[0]["content"] for p in ppo.step_prompts(prompts, step, rank, 2, 2, seed=3)]
+    first_pass = pick(0, 0) + pick(0, 1) + pick(1, 0) + pick(1, 1) + pick(2, 0)
+    assert sorted(first_pass, key=int) == [str(i) for i in range(10)]  # every prompt once per pass
+    assert pick(1, 1) == pick(1, 1)  # a pure function of (step, rank): resumable
+    assert pick(2, 1) + pick(3, 0) != first_pass[:4]  # a new shuffle in the next pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ppo_two_processes_with_accelerate(toy_policy: Path, tmp_path: Path) -> None:
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    res = subprocess.run(
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+         str(REPO / "stages/accelerate/cpu2.yaml"), "--main_process_port", str(free_port()), "-m", "align.cli", "ppo",
+         str(TINY), f"policy={toy_policy}", f"output_dir={out}", "reward.function=test_ppo:count_target",
+         "ppo.steps=2", "ppo.batch_size=8", "data.eval_size=2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 process(es)" in res.stdout + res.stderr
+    assert sorted(p.name for p in (out / "checkpoints" / "step-2").glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+    assert len(metrics_rows(out)) == 2
+    assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
