@@ -174,17 +174,24 @@ def load_config(cls: type[T], path: Path | None = None, overrides: list[str] | t
     return cfg
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """One line per key: dotted name, type, default and help (used by `align <stage> --help`)."""
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
+    """One line per key: dotted name, type, default and help (used by `align <stage> --help`).
+
+    Nested groups show the defaults the parent gives them (e.g. PPO's sampling.temperature=1.0), not the
+    group class's own.
+    """
     lines = []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         help_text = f.metadata.get("help", "")
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         if dataclasses.is_dataclass(tp):
             lines.append(f"{prefix}{f.name}:  {help_text}")
-            lines += describe(tp, prefix=f"{prefix}{f.name}.")
+            lines += describe(tp, prefix=f"{prefix}{f.name}.", defaults=default)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {to_dict(default)!r}): {help_text}")
     return lines

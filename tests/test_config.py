@@ -83,3 +83,10 @@ def test_cli_errors_are_one_line_with_exit_code_2(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("align sft: error:") and "\n" not in err and "Traceback" not in err
     assert main(["nosuchstage"]) == 2
+
+
+def test_help_shows_the_stage_defaults_of_nested_groups():
+    from align.stages import ppo
+
+    lines = describe(ppo.Config)
+    assert any(line.strip().startswith("sampling.temperature (float, default 1.0)") for line in lines)
