@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from typing import Any
 from align.config import opt
 from align.data.records import Message
 from align.errors import ConfigError
+from align.judges.rules import import_object
 
 RewardFn = Callable[[list[list[Message]], list[str]], list[float]]
 
@@ -28,21 +28,6 @@ class RewardSettings:
     function: str = opt("", "module:function scoring one sample, fn(prompt_messages, response) -> float; "
                             "overrides model (e.g. align.judges.house_style:house_style_score)")
     batch_size: int = opt(8, "reward-model scoring batch size")
-
-
-def import_callable(spec: str) -> Callable[..., Any]:
-    """'package.module:name' -> the object; errors say what to fix."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"reward.function={spec!r} must look like package.module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"reward.function={spec!r}: cannot import {module_name} ({e})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"reward.function={spec!r}: {module_name} has no callable named {attr!r}")
-    return fn
 
 
 def per_sample(fn: Callable[[list[Message], str], float], name: str) -> RewardFn:
@@ -63,7 +48,7 @@ def per_sample(fn: Callable[[list[Message], str], float], name: str) -> RewardFn
 def load_reward(s: RewardSettings) -> tuple[RewardFn, str]:
     """The stage's reward as a batch function, and a short description of where it comes from."""
     if s.function:
-        return per_sample(import_callable(s.function), s.function), f"function {s.function}"
+        return per_sample(import_object(s.function, "reward.function"), s.function), f"function {s.function}"
     from align.reward_model import RewardModel
 
     model = RewardModel.load(s.model, batch_size=s.batch_size)

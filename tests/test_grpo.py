@@ -67,7 +67,7 @@ def test_trl_reward_func_adapts_conversational_and_text_inputs() -> None:
 
 
 def test_reward_function_errors() -> None:
-    for spec, match in (("no_colon", "module:function"), ("no_such_module_x:f", "cannot import"),
+    for spec, match in (("no_colon", "must look like package.module:Name"), ("no_such_module_x:f", "cannot import"),
                         ("test_grpo:missing", "no callable")):
         with pytest.raises(ConfigError, match=match):
             load_reward(RewardSettings(function=spec))
