@@ -68,7 +68,7 @@ def test_trl_reward_func_adapts_conversational_and_text_inputs() -> None:
 
 def test_reward_function_errors() -> None:
     for spec, match in (("no_colon", "must look like package.module:Name"), ("no_such_module_x:f", "cannot import"),
-                        ("test_grpo:missing", "no callable")):
+                        ("test_grpo:missing", "has no attribute")):
         with pytest.raises(ConfigError, match=match):
             load_reward(RewardSettings(function=spec))
     fn, _ = load_reward(RewardSettings(function="test_grpo:not_a_number"))
