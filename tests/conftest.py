@@ -64,3 +64,26 @@ def toy_sft(tmp_path: Path) -> tuple[Path, Path]:
     rows = [{"messages": [{"role": "user", "content": f"What colour is item {i}?"},
                           {"role": "assistant", "content": "blue blue blue blue."}]} for i in range(24)]
     return write_jsonl(tmp_path / "train.jsonl", rows[:20]), write_jsonl(tmp_path / "valid.jsonl", rows[20:])
+
+
+def count_e(prompt: list, response: str) -> float:
+    """A toy reward that varies even for a random model's gibberish (for smoke tests of RL stages)."""
+    return response.count("e") / 10
+
+
+def _single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models are latency-bound: one intra-op thread is faster, and much faster on a shared 2-core machine."""
+    yield from _single_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    yield from _single_thread()

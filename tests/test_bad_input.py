@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 
 from align.cli import main
-from conftest import write_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 

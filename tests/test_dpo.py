@@ -32,12 +32,6 @@ def toy_prefs(tmp_path: Path) -> tuple[Path, Path]:
     return write_jsonl(tmp_path / "train.jsonl", rows[:16]), write_jsonl(tmp_path / "valid.jsonl", rows[16:])
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def config(policy: Path, out: Path, prefs: tuple[Path, Path], *overrides: str) -> dpo.Config:

@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from align.config import load_config
 from align.errors import ConfigError
@@ -17,23 +16,15 @@ from align.rewards import RewardSettings, load_reward, trl_reward_func
 REPO = Path(__file__).resolve().parent.parent
 
 
-def count_e(prompt: list, response: str) -> float:
-    return response.count("e") / 10
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])
 def test_online_stage_smoke(stage: str, tiny_model: Path, tmp_path: Path, one_thread: None) -> None:
     module = importlib.import_module(f"align.stages.{stage}")
     cfg = load_config(module.Config, REPO / "stages" / "tiny" / f"{stage}.yaml",
-                      [f"policy={tiny_model}", f"output_dir={tmp_path / 'run'}", "reward.function=test_grpo:count_e",
+                      [f"policy={tiny_model}", f"output_dir={tmp_path / 'run'}", "reward.function=conftest:count_e",
                        "train.max_steps=2"])
     run_dir = module.run(cfg)
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -57,8 +48,8 @@ def test_online_stage_rejects_bad_group_size(tiny_model: Path, tmp_path: Path) -
 
 
 def test_trl_reward_func_adapts_conversational_and_text_inputs() -> None:
-    fn, where = load_reward(RewardSettings(function="test_grpo:count_e"))
-    assert where == "function test_grpo:count_e"
+    fn, where = load_reward(RewardSettings(function="conftest:count_e"))
+    assert where == "function conftest:count_e"
     reward = trl_reward_func(fn, "house")
     prompts = [[{"role": "user", "content": "hi"}], "plain prompt"]
     completions = [[{"role": "assistant", "content": "eeee"}], "ee"]

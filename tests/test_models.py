@@ -48,7 +48,7 @@ def test_missing_model_and_bad_run_folder(tmp_path):
 
 
 def test_missing_wheel_gives_the_install_command(monkeypatch, tmp_path):
-    import align.models.load as load
+    from align.models import load
 
     monkeypatch.setenv("ALIGN_CACHE", str(tmp_path))
     monkeypatch.setattr(load.importlib.util, "find_spec", lambda name: None)

@@ -32,18 +32,8 @@ def count_target(prompt: list, response: str) -> float:
     return response.count(TARGET) / MAX_NEW_TOKENS
 
 
-def count_e(prompt: list, response: str) -> float:
-    """A reward that varies even for a random model's gibberish (for smoke tests)."""
-    return response.count("e") / 10
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models are latency-bound: on a shared 2-core machine one intra-op thread is several times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_toy_policy(out: Path, tokenizer_dir: Path, target_prob: float = 0.05) -> Path:
@@ -196,7 +186,7 @@ def test_ppo_reward_model_reward_and_critic(tiny_model: Path, tmp_path: Path, on
 @pytest.mark.parametrize("method", ["full", "qlora"])
 def test_ppo_full_and_qlora(method: str, tiny_model: Path, tmp_path: Path, one_thread: None) -> None:
     run_dir = ppo.run(config(tiny_model, tmp_path / "run", f"peft.method={method}", "ppo.steps=1",
-                             "reward.function=test_ppo:count_e",
+                             "reward.function=conftest:count_e",
                              "ppo.batch_size=4", "ppo.mini_batch_size=4", "data.eval_size=2"))
     assert all(math.isfinite(v) for v in metrics_rows(run_dir)[0].values())
     model = run_dir / "model"
@@ -220,7 +210,7 @@ def test_ppo_on_an_sft_adapter_saves_a_stacked_adapter(tiny_model: Path, tmp_pat
     cfg_path = sft / "adapter_config.json"
     cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()) | {"base_model_name_or_path": str(tiny_model)}))
 
-    run_dir = ppo.run(config(sft, tmp_path / "run", "reward.function=test_ppo:count_e", "ppo.steps=1",
+    run_dir = ppo.run(config(sft, tmp_path / "run", "reward.function=conftest:count_e", "ppo.steps=1",
                              "ppo.batch_size=4", "ppo.mini_batch_size=4", "data.eval_size=0"))
     adapter = run_dir / "model"
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(sft)

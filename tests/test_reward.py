@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,8 @@ from align.reward_model import (
     reward_stats,
 )
 from align.stages import reward, score
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one thread is faster
 
 REPO = Path(__file__).resolve().parent.parent
 FOODS = ["rice", "pasta", "garlic", "onion", "salmon", "tofu", "lentils", "spinach", "carrots", "eggs", "beef",
@@ -45,14 +46,6 @@ def toy_pairs(foods: list[str]) -> list[dict]:
                          "meta": {"margin": 0.5}})
     return rows
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from 2 threads, and on a shared 2-core machine the thread sync costs ~3x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

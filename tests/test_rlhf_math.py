@@ -9,8 +9,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from align.rlhf import (KLController, RunningMoments, entropy, explained_variance, gae, kl_penalty,
-                        logprobs_from_logits, masked_mean, masked_var, policy_loss, value_loss, whiten)
+from align.rlhf import (
+    KLController,
+    RunningMoments,
+    entropy,
+    explained_variance,
+    gae,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+    policy_loss,
+    value_loss,
+    whiten,
+)
 
 
 def t(rows: list) -> torch.Tensor:
