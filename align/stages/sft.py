@@ -60,9 +60,9 @@ def tokenize_conversation(tokenizer: Any, messages: list[Message], loss_on: str)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(_template_ids(tokenizer, messages[:i], add_generation_prompt=True))
-        end = len(_template_ids(tokenizer, messages[: i + 1], add_generation_prompt=False))
-        if ids[:end][:start] != _template_ids(tokenizer, messages[:i], add_generation_prompt=True):
+        prefix = _template_ids(tokenizer, messages[:i], add_generation_prompt=True)
+        start, end = len(prefix), len(_template_ids(tokenizer, messages[: i + 1], add_generation_prompt=False))
+        if ids[:start] != prefix:
             raise DataError("the chat template is not prefix-consistent; use data.loss_on=all")
         labels[start:end] = ids[start:end]
     return ids, labels
