@@ -84,3 +84,34 @@ def test_dpo_config_errors(tiny_model: Path, toy_prefs: tuple[Path, Path], tmp_p
         dpo.run(config(tiny_model, tmp_path / "a", toy_prefs, "dpo.loss_type=bogus"))
     with pytest.raises(ConfigError, match="not supported by DPO"):
         dpo.run(config(tiny_model, tmp_path / "b", toy_prefs, "peft.method=prefix_tuning"))
+
+
+def test_dpo_sft_weight_adds_chosen_nll(tiny_model: Path, toy_prefs: tuple[Path, Path], tmp_path: Path,
+                                        one_thread: None) -> None:
+    """RPO: loss = DPO + w·mean NLL of the chosen tokens. At step 1 the policy is the reference (DPO term ln 2),
+    so the logged loss is ln 2 + w·NLL, with NLL computed here by hand from the tiny model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert dpo.loss_kwargs(dpo.DPOSettings()) == {"loss_type": ["sigmoid"]}
+    assert dpo.loss_kwargs(dpo.DPOSettings(loss_type="ipo", sft_weight=0.5)) == {
+        "loss_type": ["ipo", "sft"], "loss_weights": [1.0, 0.5]}
+    run_dir = dpo.run(config(tiny_model, tmp_path / "run", toy_prefs, "dpo.sft_weight=0.5", "train.max_steps=4",
+                             "train.batch_size=4", "data.validation="))
+    metrics = json.loads((run_dir / "manifest.json").read_text())["metrics"]
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    row = json.loads(toy_prefs[0].read_text().splitlines()[0])
+    prompt_ids = tok.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True)
+    full_ids = tok.apply_chat_template(row["prompt"] + row["chosen"], tokenize=True)
+    prompt_ids = getattr(prompt_ids, "input_ids", prompt_ids)
+    full_ids = getattr(full_ids, "input_ids", full_ids)
+    with torch.no_grad():
+        logps = torch.log_softmax(model(input_ids=torch.tensor([full_ids])).logits[0, :-1], -1)
+    targets = torch.tensor(full_ids[1:])
+    token_logps = logps.gather(-1, targets[:, None])[:, 0][len(prompt_ids) - 1:]
+    nll = -token_logps.mean().item()
+    assert metrics["first/loss"] == pytest.approx(math.log(2) + 0.5 * nll, abs=0.01)  # TRL may differ by a template token
+    assert metrics["loss"] < metrics["first/loss"]
+    with pytest.raises(ConfigError, match="sft_weight"):
+        dpo.run(config(tiny_model, tmp_path / "bad", toy_prefs, "dpo.sft_weight=-1"))

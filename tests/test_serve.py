@@ -149,11 +149,11 @@ def test_openai_judge_retries_counts_failures_and_resumes(tmp_path: Path, monkey
     from align.stages.judge import run
 
     server = make_server(ChatService(ShorterJudgeModel(), "judge-model"), "127.0.0.1", 0)
-    proxy = FaultProxy(start(server), script=["429", "500", "timeout", "garbage", "429"], stall_s=1.0)
+    proxy = FaultProxy(start(server), script=["429", "500", "timeout", "garbage", "429"], stall_s=4.0)
     monkeypatch.setenv("TEST_JUDGE_KEY", SECRET)
     spec = tmp_path / "local.yaml"
     spec.write_text(f"name: local\nkind: openai\nbase_url: {proxy.url}/v1\nmodel: judge-model\n"
-                    f"api_key_env: TEST_JUDGE_KEY\ntimeout_s: 0.4\nmax_retries: 5\nbackoff_s: 0.01\n"
+                    f"api_key_env: TEST_JUDGE_KEY\ntimeout_s: 2.0\nmax_retries: 5\nbackoff_s: 0.01\n"
                     f"max_backoff_s: 0.05\nconcurrency: 3\n")
     answers = [("short", "a longer answer"), ("a much longer answer", "tiny"), ("BROKEN one", "x"),
                ("GARBLED", "yy"), ("equal", "same!"), ("fine", "finer one")]

@@ -7,6 +7,11 @@ fresh adapter as its "ref" adapter; a fresh LoRA/DoRA is an identity, so that eq
 β: the loss sees the implicit reward r(x, y) = β·log(π(y|x) / π_ref(y|x)). Larger β keeps the policy closer to
 the reference (the sigmoid loss saturates after smaller log-ratio changes); smaller β lets it move further.
 Typical: 0.1 (sigmoid), 0.1-0.5 for ipo (where β is the regulariser τ), 0.1 with label_smoothing 0.1 (robust).
+
+sft_weight (RPO): adds w·(mean NLL of the chosen tokens) to the loss. Plain DPO only widens the gap between chosen
+and rejected and can lower both; on small data with one strong cue (the demo's "Tip:" sentence, present in every
+chosen answer and no rejected one) the policy then drifts into degenerate text ("Tip: Tip: Tip: ...") and stops
+ending its answers. The NLL term keeps the chosen answers, their end-of-turn included, likely.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class DPOSettings:
                                     "label_smoothing) | exo_pair | nca_pair | bco_pair | sppo_hard | aot | apo_zero "
                                     "| apo_down | discopop | sigmoid_norm")
     label_smoothing: float = opt(0.0, "robust/exo: assumed probability that a label is flipped (robust: < 0.5)")
+    sft_weight: float = opt(0.0, "weight of an NLL loss on the chosen responses added to the preference loss "
+                                 "(RPO); > 0 keeps the chosen likely, against DPO's drift into degenerate text")
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,17 @@ def preference_dataset(path: str) -> Any:
                               for r in read_preferences(path)])
 
 
+def loss_kwargs(settings: DPOSettings) -> dict[str, Any]:
+    """TRL's loss_type / loss_weights: the preference loss, plus its "sft" loss when sft_weight > 0."""
+    if settings.sft_weight > 0:
+        return {"loss_type": [settings.loss_type, "sft"], "loss_weights": [1.0, settings.sft_weight]}
+    return {"loss_type": [settings.loss_type]}
+
+
+def loss_name(settings: DPOSettings) -> str:
+    return settings.loss_type + (f" + {settings.sft_weight:g}·NLL(chosen)" if settings.sft_weight > 0 else "")
+
+
 def run(cfg: Config) -> Path:
     import torch
     from trl import DPOConfig, DPOTrainer
@@ -91,6 +109,8 @@ def run(cfg: Config) -> Path:
 
     if cfg.dpo.loss_type not in LOSS_TYPES:
         raise ConfigError(f"dpo.loss_type={cfg.dpo.loss_type!r} is unknown; use one of {', '.join(LOSS_TYPES)}")
+    if cfg.dpo.sft_weight < 0:
+        raise ConfigError(f"dpo.sft_weight={cfg.dpo.sft_weight} must be >= 0 (0 turns the NLL term off)")
     if cfg.peft.method not in DPO_METHODS:
         raise ConfigError(f"peft.method={cfg.peft.method} is not supported by DPO here; use one of "
                           f"{', '.join(DPO_METHODS)}")
@@ -113,11 +133,11 @@ def run(cfg: Config) -> Path:
         len(train_ds) / (cfg.train.batch_size * cfg.train.grad_accum) * cfg.train.epochs)
     model, trained = attach_peft(model, cfg.peft, total_steps=steps)
     n_train, n_total = count_parameters(model)
-    print(f"dpo: {trained} ({n_train:,} of {n_total:,} parameters); loss {cfg.dpo.loss_type}, β={cfg.dpo.beta}; "
+    print(f"dpo: {trained} ({n_train:,} of {n_total:,} parameters); loss {loss_name(cfg.dpo)}, β={cfg.dpo.beta}; "
           f"{len(train_ds)} pairs", flush=True)
 
     args = DPOConfig(**trainer_kwargs(cfg.train, run_.dir, seed=cfg.seed, has_eval=val_ds is not None),
-                     **precision_flags(dtype), beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type],
+                     **precision_flags(dtype), beta=cfg.dpo.beta, **loss_kwargs(cfg.dpo),
                      label_smoothing=cfg.dpo.label_smoothing, max_length=cfg.data.max_length)
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                          processing_class=tokenizer, callbacks=callbacks(cfg.train, run_.dir, val_ds is not None))
@@ -141,9 +161,12 @@ def run(cfg: Config) -> Path:
     run_.metrics.update({"trainable_params": n_train, "total_params": n_total, "train_pairs": len(train_ds)})
     if cfg.eval.size > 0:
         held_out_check(cfg, run_, trainer.model, ref_model, tokenizer)
-    print(f"dpo: validation loss {after.get('eval_loss', float('nan')):.4f} (ln 2 = 0.6931 before training), "
-          f"reward accuracy {after.get('eval_rewards/accuracies', float('nan')):.3f}, margin "
-          f"{after.get('eval_rewards/margins', float('nan')):.3f}; model saved to {out}", flush=True)
+    if after:
+        start = " (ln 2 = 0.6931 before training)" if cfg.dpo.loss_type == "sigmoid" and cfg.dpo.sft_weight == 0 else ""
+        print(f"dpo: validation loss {after['eval_loss']:.4f}{start}, reward accuracy "
+              f"{after.get('eval_rewards/accuracies', float('nan')):.3f}, margin "
+              f"{after.get('eval_rewards/margins', float('nan')):.3f}", flush=True)
+    print(f"dpo: model saved to {out}", flush=True)
     return run_.finish()
 
 
