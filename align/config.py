@@ -21,7 +21,7 @@ T = TypeVar("T")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def opt(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at the call site
+def opt(default: Any, help: str) -> Any:
     """A config field with a default and help text (lists/dicts/dataclasses get a default_factory)."""
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         value = default

@@ -77,7 +77,7 @@ def versions() -> dict[str, str]:
 
 def git_sha() -> str | None:
     try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+        res = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
         return res.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):

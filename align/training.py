@@ -38,36 +38,36 @@ def trainer_kwargs(t: TrainSettings, run_dir: Path, *, seed: int, has_eval: bool
     """Keyword arguments shared by every TRL config (SFTConfig, RewardConfig, DPOConfig, GRPOConfig, ...)."""
     eval_every = t.eval_steps if t.eval_steps > 0 else None
     strategy = ("steps" if eval_every else "epoch") if has_eval else "no"
-    kwargs: dict[str, Any] = dict(
-        output_dir=str(Path(run_dir) / "checkpoints"),
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.lr,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        lr_scheduler_type=t.lr_scheduler,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        eval_strategy=strategy,
-        eval_steps=eval_every,
-        save_strategy=strategy if (has_eval and t.early_stopping_patience) else "steps",
-        save_steps=eval_every if (has_eval and t.early_stopping_patience and eval_every) else t.save_steps,
-        save_total_limit=2,
-        load_best_model_at_end=bool(has_eval and t.early_stopping_patience),
-        metric_for_best_model="eval_loss" if has_eval else None,
-        greater_is_better=False,
-        report_to="none",  # TensorBoard is attached explicitly (tb_callback) so the logs land in the run folder
-        disable_tqdm=not t.progress,
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(),
-        save_only_model=False,
-    )
+    kwargs: dict[str, Any] = {
+        "output_dir": str(Path(run_dir) / "checkpoints"),
+        "num_train_epochs": t.epochs,
+        "max_steps": t.max_steps,
+        "learning_rate": t.lr,
+        "per_device_train_batch_size": t.batch_size,
+        "per_device_eval_batch_size": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "warmup_steps": t.warmup_ratio,
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "lr_scheduler_type": t.lr_scheduler,
+        "logging_steps": t.logging_steps,
+        "logging_first_step": True,
+        "eval_strategy": strategy,
+        "eval_steps": eval_every,
+        "save_strategy": strategy if (has_eval and t.early_stopping_patience) else "steps",
+        "save_steps": eval_every if (has_eval and t.early_stopping_patience and eval_every) else t.save_steps,
+        "save_total_limit": 2,
+        "load_best_model_at_end": bool(has_eval and t.early_stopping_patience),
+        "metric_for_best_model": "eval_loss" if has_eval else None,
+        "greater_is_better": False,
+        "report_to": "none",  # TensorBoard is attached explicitly (tb_callback) so the logs land in the run folder
+        "disable_tqdm": not t.progress,
+        "seed": seed,
+        "data_seed": seed,
+        "dataloader_num_workers": 0,
+        "use_cpu": not torch.cuda.is_available(),
+        "save_only_model": False,
+    }
     # TRL turns checkpointing on by default; we choose explicitly (prefix tuning breaks under it).
     kwargs["activation_checkpointing"] = t.gradient_checkpointing
     return kwargs

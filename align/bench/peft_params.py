@@ -14,7 +14,7 @@ from align.models.peft import Method, PeftSettings, attach_peft, count_parameter
 
 def main(model: str = "default") -> None:
     path = resolve_model(model)
-    print(f"| method | trainable | total | % | what is trained |\n|---|---:|---:|---:|---|")
+    print("| method | trainable | total | % | what is trained |\n|---|---:|---:|---:|---|")
     for method in typing.get_args(Method):
         base = load_model(path, dtype="float32", load_in_4bit=method == "qlora")
         peft_model, what = attach_peft(base, PeftSettings(method=method))

@@ -9,9 +9,10 @@ Readers accept plain-text prompts/responses and normalise them to messages. Ever
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TypedDict
+from typing import Any, TypedDict
 
 from align.errors import DataError
 from align.runs import atomic_write_text

