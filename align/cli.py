@@ -13,24 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# stage name -> module with `Config` and `run(cfg) -> Path`. Imported lazily so `align --help` is instant.
-STAGES: dict[str, str] = {
-    "sft": "align.stages.sft",
-    "merge": "align.stages.merge",
-    "import": "align.stages.import_prefs",
-    "reward": "align.stages.reward",
-    "score": "align.stages.score",
-    "generate": "align.stages.generate",
-    "judge": "align.stages.judge",
-    "serve": "align.stages.serve",
-    "ppo": "align.stages.ppo",
-    "dpo": "align.stages.dpo",
-    "grpo": "align.stages.grpo",
-    "rloo": "align.stages.rloo",
-    "eval": "align.stages.eval",
-    "report": "align.stages.report",
-    "pipeline": "align.stages.pipeline",
-}
+from align.stages import STAGES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,15 +82,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from align.errors import AlignError
 
+    from align.runs import fail_active_runs
+
     try:
         cfg = parse_args(stage, rest, module.Config)
         out = module.run(cfg)
     except AlignError as e:
+        fail_active_runs(str(e))
         print(f"align {stage}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        fail_active_runs("interrupted (Ctrl-C)")
         print(f"align {stage}: interrupted; re-run with resume=true to continue", file=sys.stderr)
         return 130
+    except BaseException as e:  # a bug: keep the traceback, but never leave a run folder `running`
+        fail_active_runs(f"{type(e).__name__}: {e}")
+        raise
     if out is not None:
         print(f"align {stage}: done -> {out}")
     return 0

@@ -7,6 +7,7 @@ groups are dataclasses too. Unknown keys and wrong types raise ConfigError listi
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -21,14 +22,41 @@ T = TypeVar("T")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def opt(default: Any, help: str) -> Any:
-    """A config field with a default and help text (lists/dicts/dataclasses get a default_factory)."""
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPE_HELP = "auto (bf16 only where this machine runs it faster) | float32 | bfloat16 | float16"
+
+
+def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+        lt: float | None = None) -> Any:
+    """A config field with a default, help text and an optional numeric range (ge/gt/le/lt), checked on load.
+
+    Lists/dicts/dataclasses get a default_factory.
+    """
+    meta = {"help": help, "range": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         value = default
         return dataclasses.field(
             default_factory=lambda: dataclasses.replace(value) if dataclasses.is_dataclass(value) else
-            type(value)(value), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+            type(value)(value), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+_RANGE_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def range_text(bounds: dict[str, float]) -> str:
+    """{'ge': 0, 'le': 1} -> '>= 0, <= 1'."""
+    return ", ".join(f"{_RANGE_TEXT[k]} {v:g}" for k, v in bounds.items())
+
+
+def check_range(value: Any, bounds: dict[str, float], where: str) -> None:
+    """A number outside `bounds` is a ConfigError naming the key and the range."""
+    if not bounds or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    ok = [math.isfinite(value), value >= bounds.get("ge", value), "gt" not in bounds or value > bounds["gt"],
+          value <= bounds.get("le", value), "lt" not in bounds or value < bounds["lt"]]
+    if not all(ok):
+        raise ConfigError(f"{where}={value!r} is out of range; it must be {range_text(bounds)}")
 
 
 def _type_name(tp: Any) -> str:
@@ -110,6 +138,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {_keys(cls)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where != "config" else k) for k, v in data.items()}
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs:
+            check_range(kwargs[f.name], f.metadata.get("range") or {}, f"{where}.{f.name}" if where != "config"
+                        else f.name)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -193,5 +225,7 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
             lines.append(f"{prefix}{f.name}:  {help_text}")
             lines += describe(tp, prefix=f"{prefix}{f.name}.", defaults=default)
             continue
-        lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {to_dict(default)!r}): {help_text}")
+        bounds = f.metadata.get("range") or {}
+        rng = f", {range_text(bounds)}" if bounds else ""
+        lines.append(f"  {prefix}{f.name} ({_type_name(tp)}{rng}, default {to_dict(default)!r}): {help_text}")
     return lines

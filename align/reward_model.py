@@ -16,6 +16,7 @@ from typing import Any
 
 from align.data.records import Message, PreferenceRecord, as_response, check_messages
 from align.errors import AlignError, ModelError
+from align.models.load import chat_ids
 
 Prompt = str | list[Message]
 Response = str | list[Message]
@@ -35,13 +36,19 @@ def _response(response: Response, where: str) -> list[Message]:
 
 def encode(tokenizer: Any, prompt: list[Message], response: list[Message]) -> list[int]:
     """Token ids of `prompt + response` through the chat template: the one encoding used to train and to score."""
-    out = tokenizer.apply_chat_template(list(prompt) + list(response), tokenize=True, return_dict=True)
-    return list(out["input_ids"])
+    return chat_ids(tokenizer, list(prompt) + list(response))
 
 
-def check_tokenizer_fits(tokenizer: Any, model: Any, where: str) -> None:
-    """A tokenizer whose ids run past the model's embedding table would index out of range mid-training."""
-    n_embed = model.get_input_embeddings().num_embeddings
+def check_tokenizer_fits(tokenizer: Any, model_dir: Path, where: str) -> None:
+    """A tokenizer whose ids run past the model's embedding table would index out of range mid-training (read
+    from the model's config, before anything loads)."""
+    from transformers import AutoConfig
+
+    from align.models.load import base_of_adapter, is_adapter
+
+    while is_adapter(model_dir):
+        model_dir = base_of_adapter(model_dir)
+    n_embed = AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
     if len(tokenizer) > n_embed:
         raise ModelError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding table has "
                          f"{n_embed} rows; use the tokenizer saved with this model (or resize the embeddings)")

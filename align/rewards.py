@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from align.config import opt
 from align.data.records import Message
 from align.errors import ConfigError
-from align.judges.rules import import_object
+from align.plugins import import_object
 
 RewardFn = Callable[[list[list[Message]], list[str]], list[float]]
 
@@ -27,7 +28,7 @@ class RewardSettings:
     model: str = opt("runs/reward", "reward-model run folder (or its model/ folder); used when function is ''")
     function: str = opt("", "module:function scoring one sample, fn(prompt_messages, response) -> float; "
                             "overrides model (e.g. align.judges.house_style:house_style_score)")
-    batch_size: int = opt(8, "reward-model scoring batch size")
+    batch_size: int = opt(8, "reward-model scoring batch size", ge=1)
 
 
 def per_sample(fn: Callable[[list[Message], str], float], name: str) -> RewardFn:
@@ -43,6 +44,19 @@ def per_sample(fn: Callable[[list[Message], str], float], name: str) -> RewardFn
         return out
 
     return score
+
+
+def check_reward(s: RewardSettings) -> None:
+    """Fail now (not after training) when the reward cannot be had: the function imports and is callable, or the
+    reward model is a completed reward run / model folder."""
+    if s.function:
+        if not callable(import_object(s.function, "reward.function")):
+            raise ConfigError(f"reward.function {s.function!r} is not callable")
+        return
+    from align.runs import resolve_input
+
+    if not (Path(s.model) / "config.json").is_file():
+        resolve_input(s.model, what="reward.model", stages=("reward",), outputs=("model",))
 
 
 def load_reward(s: RewardSettings) -> tuple[RewardFn, str]:

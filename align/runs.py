@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from align.config import to_dict
-from align.errors import AlignError
+from align.errors import AlignError, DataError
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "align")
 
@@ -84,14 +84,74 @@ def git_sha() -> str | None:
         return None
 
 
-def read_manifest(run_dir: Path) -> dict[str, Any] | None:
+class Manifest(dict):
+    """A run folder's manifest.json (a dict, as written) with typed access to what other stages read."""
+
+    def __init__(self, run_dir: Path, data: dict[str, Any]) -> None:
+        super().__init__(data)
+        self.dir = Path(run_dir)
+
+    @property
+    def stage(self) -> str:
+        return str(self.get("stage") or "")
+
+    @property
+    def status(self) -> str:
+        return str(self.get("status") or "")
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        return dict(self.get("outputs") or {})
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return dict(self.get("metrics") or {})
+
+    def output(self, name: str) -> Path | None:
+        """The path of output `name`, when the manifest names it and it exists."""
+        rel = self.outputs.get(name)
+        return self.dir / rel if rel and (self.dir / rel).exists() else None
+
+
+def read_manifest(run_dir: Path | str) -> Manifest | None:
+    """The manifest of `run_dir`, or None when there is none (or it is not a JSON object)."""
     path = Path(run_dir) / "manifest.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return Manifest(run_dir, data) if isinstance(data, dict) else None
+
+
+def resolve_input(path: Path | str, *, what: str, stages: tuple[str, ...] = (), outputs: tuple[str, ...] = (),
+                  error: type[AlignError] = DataError) -> Path:
+    """The one answer to "a file or a run folder": `path` itself when it is a file; for a run folder (one with
+    our manifest) the first of its `outputs` that exists, provided the run is `completed` and of one of `stages`.
+
+    `what` names the input in errors ("preference data", "samples", "policy"...).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise error(f"{what} {p} not found; run the earlier stage first or give the right path")
+    if p.is_file():
+        return p
+    manifest = read_manifest(p)
+    if manifest is None:
+        raise error(f"{what} {p} is a folder without an align manifest.json; give the file itself or the run "
+                    f"folder of {' / '.join(stages) or 'an earlier stage'}")
+    if stages and manifest.stage not in stages:
+        raise error(f"{what} {p} is a {manifest.stage or 'unknown'} run; expected the run folder of "
+                    f"{' or '.join(stages)}")
+    if manifest.status != "completed":
+        raise error(f"{what} {p}: that {manifest.stage} run has status {manifest.status!r}; finish it first "
+                    f"(re-run it with resume=true) or give another run")
+    for name in outputs:
+        found = manifest.output(name)
+        if found is not None:
+            return found
+    raise error(f"{what} {p}: the {manifest.stage} run has no {' or '.join(outputs)} output")
 
 
 @dataclasses.dataclass
@@ -106,6 +166,7 @@ class Run:
     outputs: dict[str, str] = dataclasses.field(default_factory=dict)
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    previous: Path | None = None  # the run this one replaces (overwrite=true), moved aside until finish()
 
     def add_input(self, path: Path | str) -> None:
         self.inputs[str(path)] = sha256_path(Path(path))
@@ -125,34 +186,219 @@ class Run:
             "versions": versions(),
             "git_sha": git_sha(),
             "started_at": self.started_at,
-            "finished_at": now() if status == "completed" else None,
+            "finished_at": now() if status in ("completed", "failed") else None,
         })
 
     def finish(self) -> Path:
         self.write_manifest("completed")
+        _forget(self)
+        if self.previous is not None:  # the replaced run is gone only now that the new one is complete
+            shutil.rmtree(self.previous, ignore_errors=True)
         return self.dir
+
+    def fail(self, reason: str) -> None:
+        """Mark the run `failed` with a one-line reason; when it was replacing an older run, put that one back
+        (the failed attempt is kept next to it as <name>.failed)."""
+        self.extra["error"] = reason.splitlines()[0][:500] if reason else "failed"
+        self.write_manifest("failed")
+        _forget(self)
+        if self.previous is not None and self.previous.is_dir():
+            failed = self.dir.with_name(self.dir.name + ".failed")
+            if failed.is_dir() and read_manifest(failed) is not None:
+                shutil.rmtree(failed)
+            if not failed.exists():
+                os.replace(self.dir, failed)
+                os.replace(self.previous, self.dir)
+                print(f"{self.stage}: the previous run in {self.dir} was kept; the failed attempt is in {failed}",
+                      flush=True)
+
+
+_ACTIVE: list[Run] = []
+
+
+def _forget(run: Run) -> None:
+    if run in _ACTIVE:
+        _ACTIVE.remove(run)
+
+
+def fail_active_runs(reason: str) -> None:
+    """Mark every run started in this process and not finished as `failed` (the CLI and the pipeline call this on
+    any error, so no run folder is left `running` by a clean error)."""
+    for run in _ACTIVE:
+        try:
+            run.fail(reason)
+        except OSError:
+            _forget(run)
+
+
+# ---------------------------------------------------------------- fingerprints and resume
+
+HOW_TO_RUN = {"output_dir", "overwrite", "resume", "progress", "force"}  # keys that do not change results
+
+
+def result_config(config: Any) -> Any:
+    """A resolved config (plain data) without the keys that only say how to run, at any depth."""
+    if isinstance(config, dict):
+        return {k: result_config(v) for k, v in config.items() if k not in HOW_TO_RUN}
+    if isinstance(config, list):
+        return [result_config(v) for v in config]
+    return config
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += changed_keys(old.get(k, "<unset>"), new.get(k, "<unset>"), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')} ({old!r} -> {new!r})"]
+
+
+def run_outputs_digest(run_dir: Path, cache: dict[Any, str]) -> str:
+    """sha256 over a run folder's status and outputs (name + content), memoised per manifest version."""
+    manifest_path = Path(run_dir) / "manifest.json"
+    key = (str(Path(run_dir).resolve()), manifest_path.stat().st_mtime_ns)
+    if key not in cache:
+        manifest = read_manifest(run_dir) or Manifest(run_dir, {})
+        h = hashlib.sha256(json.dumps(manifest.status).encode())
+        for name, rel in sorted(manifest.outputs.items()):
+            path = Path(run_dir) / rel
+            h.update(f"{name}={sha256_path(path) if path.exists() else 'missing'};".encode())
+        cache[key] = h.hexdigest()
+    return cache[key]
+
+
+def path_digests(config: Any, cache: dict[Any, str]) -> dict[str, str]:
+    """Hashes of every existing path a config names (run folders by their outputs, files and folders by content)."""
+    found: dict[str, str] = {}
+
+    def visit(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                visit(v, f"{key}.{k}" if key else k)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                visit(v, f"{key}[{i}]")
+        elif isinstance(value, str) and value and len(value) < 4096 and "\0" not in value:
+            path = Path(value)
+            try:
+                exists = path.exists()
+            except OSError:
+                return
+            if not exists:
+                return
+            if (path / "manifest.json").is_file():
+                found[key] = "run:" + run_outputs_digest(path, cache)
+            else:
+                stat = path.stat()
+                cache_key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+                if cache_key not in cache:
+                    cache[cache_key] = sha256_path(path)
+                found[key] = cache[cache_key]
+
+    visit(config, "")
+    return found
+
+
+def fingerprint(stage: str, config: dict[str, Any], cache: dict[Any, str] | None = None) -> str:
+    """sha256 of (stage, resolved config minus how-to-run keys, hashes of every path it reads)."""
+    what = result_config(config)
+    payload = {"stage": stage, "config": what, "inputs": path_digests(what, {} if cache is None else cache)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- starting a run
+
+def _config_paths(config: Any) -> list[Path]:
+    """Every string in a resolved config that names an existing file or folder (the stage's inputs)."""
+    out: list[Path] = []
+    if isinstance(config, dict):
+        for k, v in config.items():
+            if k != "output_dir":
+                out += _config_paths(v)
+    elif isinstance(config, list):
+        for v in config:
+            out += _config_paths(v)
+    elif isinstance(config, str) and config and len(config) < 4096 and "\0" not in config:
+        try:
+            if Path(config).exists():
+                out.append(Path(config))
+        except OSError:
+            pass
+    return out
+
+
+def check_replaceable(out: Path, stage: str, config: dict[str, Any]) -> None:
+    """Refuse to replace anything align did not create for this stage (see README "Safety")."""
+    res, cwd = out.resolve(), Path.cwd().resolve()
+    if res == cwd or res in cwd.parents:
+        raise AlignError(f"output_dir {out} is the current folder or one of its parents; overwrite=true would "
+                         f"replace it. Choose a run folder such as runs/{stage}")
+    if (res / ".git").exists() or res == Path(__file__).resolve().parent.parent:
+        raise AlignError(f"output_dir {out} is a repository root; choose a run folder such as runs/{stage}")
+    for path in _config_paths(config):
+        p = path.resolve()
+        if p == res or res in p.parents:
+            raise AlignError(f"output_dir {out} contains this stage's input {path}; overwrite=true would delete it. "
+                             f"Choose another output_dir")
+    manifest = read_manifest(out)
+    if manifest is None:
+        if any(out.iterdir()):
+            raise AlignError(f"output_dir {out} has files but is not an align run folder (no manifest.json); align "
+                             f"only replaces its own runs. Choose another output_dir, or empty it yourself")
+    elif manifest.stage != stage:
+        raise AlignError(f"output_dir {out} holds a {manifest.stage or 'unknown'} run; align {stage} will not "
+                         f"replace another stage's run. Choose another output_dir, or delete that run yourself")
+
+
+def check_resumable(out: Path, stage: str, config: dict[str, Any]) -> Manifest | None:
+    """The manifest to continue from, after checking it is this stage's run with the same settings."""
+    manifest = read_manifest(out)
+    if manifest is None:
+        if any(out.iterdir()):
+            raise AlignError(f"resume=true: {out} has files but no manifest.json; it is not an align run to continue")
+        return None
+    if manifest.stage != stage:
+        raise AlignError(f"resume=true: {out} holds a {manifest.stage or 'unknown'} run, not a {stage} run; "
+                         f"choose the {stage} run's folder or another output_dir")
+    diff = changed_keys(result_config(manifest.get("config") or {}), result_config(config))
+    if diff:
+        raise AlignError(f"resume=true: the settings changed since {out} was started, so the run cannot continue "
+                         f"exactly: {'; '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}. Use the same settings, "
+                         f"or overwrite=true to start again")
+    return manifest
 
 
 def start_run(stage: str, cfg: Any, *, resume: bool = False) -> Run:
     """Prepare `cfg.output_dir` and write the resolved config and a `running` manifest.
 
-    An existing, non-empty folder is an error unless `cfg.overwrite` (it is cleared) or `resume` (kept, so the
-    stage can continue from what is there).
+    An existing, non-empty folder is an error unless `resume` (it must be this stage's run with the same
+    settings; see `check_resumable`) or `cfg.overwrite` (only an align run of this stage, or an empty folder, is
+    replaced; see `check_replaceable`). A replaced run is moved aside and deleted only when the new run finishes;
+    if the new one fails, the old one is put back.
     """
     out = Path(cfg.output_dir)
+    config = to_dict(cfg)
     if out.exists() and not out.is_dir():
         raise AlignError(f"output_dir {out} exists and is not a folder; choose another output_dir")
+    previous_manifest, backup = None, None
     if out.is_dir() and any(out.iterdir()):
-        if getattr(cfg, "overwrite", False):
-            shutil.rmtree(out)
-        elif not resume:
+        if resume:
+            previous_manifest = check_resumable(out, stage, config)
+        elif getattr(cfg, "overwrite", False):
+            check_replaceable(out, stage, config)
+            backup = out.with_name(f".{out.name}.align-previous")
+            if backup.exists():
+                shutil.rmtree(backup)  # left by a killed earlier replace: ours
+            os.replace(out, backup)
+        else:
             raise AlignError(f"output_dir {out} already has files; pass overwrite=true to replace them, "
                              f"resume=true to continue, or choose another output_dir=...")
     out.mkdir(parents=True, exist_ok=True)
-    config = to_dict(cfg)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    previous = read_manifest(out) if resume else None
     run = Run(dir=out, stage=stage, config=config,
-              started_at=(previous or {}).get("started_at") or now())
+              started_at=(previous_manifest or {}).get("started_at") or now(), previous=backup)
     run.write_manifest("running")
+    _ACTIVE.append(run)
     return run

@@ -84,18 +84,3 @@ def score_outcome(policy: float | None, baseline: float | None, tie_margin: floa
     if abs(policy - baseline) <= tie_margin:
         return "tie"
     return "win" if policy > baseline else "loss"
-
-
-def combine_orders(first: Outcome, second: Outcome) -> Outcome:
-    """One outcome from a pairwise judge asked in both orders (each already mapped to the policy's view).
-
-    Points win=1, tie=0.5, loss=0 are averaged over the orders that did not abstain: above 0.5 is a win, below a
-    loss, exactly 0.5 a tie (so a position-biased judge that flips with the order yields a tie, not a win).
-    Both orders abstaining is an abstain.
-    """
-    points = {"win": 1.0, "tie": 0.5, "loss": 0.0}
-    got = [points[o] for o in (first, second) if o != "abstain"]
-    if not got:
-        return "abstain"
-    mean = sum(got) / len(got)
-    return "win" if mean > 0.5 else "loss" if mean < 0.5 else "tie"

@@ -2,32 +2,43 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from align.config import opt
+from align.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    epochs: float = opt(1.0, "passes over the training data")
-    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: use epochs)")
-    lr: float = opt(2e-4, "peak learning rate (AdamW)")
-    batch_size: int = opt(8, "examples per device per micro-batch")
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
-    warmup_ratio: float = opt(0.05, "fraction of steps with linear warm-up")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm")
-    lr_scheduler: str = opt("cosine", "transformers scheduler name: cosine, linear, constant, ...")
-    eval_steps: int = opt(20, "evaluate on the validation split every N steps (0: only at the end)")
-    logging_steps: int = opt(5, "log training metrics every N steps")
-    save_steps: int = opt(50, "write a resumable checkpoint every N steps")
-    early_stopping_patience: int = opt(0, "stop after N evaluations without improvement (0: off)")
+    epochs: float = opt(1.0, "passes over the training data", gt=0.0)
+    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: use epochs)", ge=-1)
+    lr: float = opt(2e-4, "peak learning rate (AdamW)", ge=0.0)
+    batch_size: int = opt(8, "examples per device per micro-batch", ge=1)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
+    warmup_ratio: float = opt(0.05, "fraction of steps with linear warm-up", ge=0.0, lt=1.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0.0)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm", gt=0.0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
+                          "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"] = opt(
+        "cosine", "learning-rate schedule (transformers SchedulerType)")
+    eval_steps: int = opt(20, "evaluate on the validation split every N steps (0: only at the end)", ge=0)
+    logging_steps: int = opt(5, "log training metrics every N steps", ge=1)
+    save_steps: int = opt(50, "write a resumable checkpoint every N steps", ge=1)
+    early_stopping_patience: int = opt(0, "stop after N evaluations without improvement (0: off)", ge=0)
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
     progress: bool = opt(True, "show a progress bar")
+
+
+def total_steps(examples: int, t: TrainSettings) -> int:
+    """Optimizer steps a Trainer run will take: max_steps, else epochs over `examples` (per-process batch)."""
+    if t.max_steps > 0:
+        return t.max_steps
+    return max(1, math.ceil(math.ceil(examples / (t.batch_size * t.grad_accum)) * t.epochs))
 
 
 def precision_flags(dtype: torch.dtype) -> dict[str, bool]:
@@ -85,10 +96,12 @@ def callbacks(t: TrainSettings, run_dir: Path, has_eval: bool) -> list[Any]:
 
 
 def last_checkpoint(run_dir: Path) -> str | None:
-    """The newest `checkpoints/checkpoint-N` folder, for resume."""
-    ckpts = sorted((Path(run_dir) / "checkpoints").glob("checkpoint-*"),
-                   key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
-    return str(ckpts[-1]) if ckpts else None
+    """The newest complete `checkpoints/checkpoint-N` folder, for resume. The Trainer writes trainer_state.json
+    last, so a checkpoint without it (or without its RNG state) was torn by a kill mid-save and is skipped."""
+    complete = [p for p in (Path(run_dir) / "checkpoints").glob("checkpoint-*")
+                if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
+                and any(p.glob("rng_state*.pth"))]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
 
 
 def history_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
@@ -99,3 +112,61 @@ def history_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step"):
                 out[k] = float(v)
     return out
+
+
+def prompt_dataset(path: str) -> Any:
+    """Prompt-only JSONL -> a TRL dataset with a conversational `prompt` column."""
+    from datasets import Dataset
+
+    from align.data.records import read_prompts
+
+    return Dataset.from_list([{"prompt": r.prompt} for r in read_prompts(path)])
+
+
+def run_trl_online(stage: str, cfg: Any, trainer_cls: Any, config_cls: Any, algo: dict[str, Any]) -> Path:
+    """GRPO and RLOO through TRL: load the policy + adapter, wrap the reward, train, save the adapter."""
+    import torch
+
+    from align.models.load import pick_dtype, resolve_model
+    from align.models.peft import count_parameters
+    from align.models.policy import check_method, load_policy, save_policy
+    from align.rewards import load_reward, trl_reward_func
+    from align.runs import start_run
+
+    o = cfg.online
+    check_method(stage, cfg.peft.method)
+    if cfg.train.batch_size * cfg.train.grad_accum % o.num_generations:
+        raise ConfigError(f"train.batch_size × train.grad_accum must be a multiple of online.num_generations="
+                          f"{o.num_generations}")
+    dataset = prompt_dataset(cfg.data.prompts)
+    source = resolve_model(cfg.policy)
+    reward_fn, reward_from = load_reward(cfg.reward)
+    run_ = start_run(stage, cfg, resume=cfg.resume)
+    torch.manual_seed(cfg.seed)
+    run_.add_input(cfg.data.prompts)
+    run_.add_input(source)
+    dtype = pick_dtype(cfg.dtype)
+    policy = load_policy(source, stage=stage, peft=cfg.peft, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                         total_steps=max(cfg.train.max_steps, 1))
+    model, tokenizer, trained = policy.model, policy.tokenizer, policy.trained
+    n_train, n_total = count_parameters(model)
+    print(f"{stage}: {trained} ({n_train:,} of {n_total:,} parameters); reward: {reward_from}", flush=True)
+
+    args = config_cls(**trainer_kwargs(cfg.train, run_.dir, seed=cfg.seed, has_eval=False), **precision_flags(dtype),
+                      num_generations=o.num_generations, max_completion_length=o.max_completion_length,
+                      temperature=o.temperature, beta=o.beta, epsilon=o.epsilon, num_iterations=o.num_iterations,
+                      mask_truncated_completions=o.mask_truncated_completions, **algo)
+    trainer = trainer_cls(model=model, reward_funcs=[trl_reward_func(reward_fn, "reward")], args=args,
+                          train_dataset=dataset, processing_class=tokenizer,
+                          callbacks=callbacks(cfg.train, run_.dir, False))
+    trainer.train(resume_from_checkpoint=last_checkpoint(run_.dir) if cfg.resume else None)
+
+    out = save_policy(trainer.model, tokenizer, run_.dir / "model", method=cfg.peft.method, base=source)
+    run_.add_output("model", out)
+    history = [h for h in trainer.state.log_history if "reward" in h]
+    run_.metrics.update(history_metrics(trainer.state.log_history))
+    if history:
+        run_.metrics.update({"first/reward": history[0]["reward"], "last/reward": history[-1]["reward"]})
+    run_.metrics.update({"trainable_params": n_train, "total_params": n_total})
+    run_.extra["reward"] = reward_from
+    return run_.finish()

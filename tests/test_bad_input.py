@@ -59,6 +59,11 @@ def test_existing_output_dir_is_not_overwritten(capsys, tiny_model, tmp_path):
     rc, err = run_cli(capsys, tiny_model, train, out)
     assert rc == 2 and "already has files; pass overwrite=true" in err
     assert (out / "precious.txt").read_text() == "keep me"
-    rc, _ = run_cli(capsys, tiny_model, train, out, "overwrite=true", "train.max_steps=1")
-    assert rc == 0 and not (out / "precious.txt").exists()
-    assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
+    # overwrite=true replaces only an align run folder of this stage (or an empty one), never the user's files
+    rc, err = run_cli(capsys, tiny_model, train, out, "overwrite=true", "train.max_steps=1")
+    assert rc == 2 and "not an align run folder" in err and (out / "precious.txt").read_text() == "keep me"
+    (out / "precious.txt").unlink()
+    rc, _ = run_cli(capsys, tiny_model, train, out, "train.max_steps=1")
+    assert rc == 0 and json.loads((out / "manifest.json").read_text())["status"] == "completed"
+    rc, _ = run_cli(capsys, tiny_model, train, out, "overwrite=true", "train.max_steps=1", "seed=1")
+    assert rc == 0 and json.loads((out / "manifest.json").read_text())["config"]["seed"] == 1

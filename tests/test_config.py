@@ -70,7 +70,7 @@ def test_bad_recipe_files(tmp_path):
 
 def test_help_describes_every_key_with_default_and_help(capsys):
     lines = describe(sft.Config)
-    assert any(line.strip().startswith("train.lr (float, default 0.0002): peak learning rate") for line in lines)
+    assert any(line.strip().startswith("train.lr (float, >= 0, default 0.0002): peak learning rate") for line in lines)
     assert main(["sft", "--help"]) == 0
     out = capsys.readouterr().out
     assert "peft.method" in out and "default recipe" in out
@@ -89,4 +89,4 @@ def test_help_shows_the_stage_defaults_of_nested_groups():
     from align.stages import ppo
 
     lines = describe(ppo.Config)
-    assert any(line.strip().startswith("sampling.temperature (float, default 1.0)") for line in lines)
+    assert any(line.strip().startswith("sampling.temperature (float, >= 0, <= 10, default 1.0)") for line in lines)

@@ -82,7 +82,7 @@ def test_dpo_loss_variants(loss_type: str, tiny_model: Path, toy_prefs: tuple[Pa
 def test_dpo_config_errors(tiny_model: Path, toy_prefs: tuple[Path, Path], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="loss_type"):
         dpo.run(config(tiny_model, tmp_path / "a", toy_prefs, "dpo.loss_type=bogus"))
-    with pytest.raises(ConfigError, match="not supported by DPO"):
+    with pytest.raises(ConfigError, match="not supported by dpo"):
         dpo.run(config(tiny_model, tmp_path / "b", toy_prefs, "peft.method=prefix_tuning"))
 
 

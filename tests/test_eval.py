@@ -22,11 +22,15 @@ def fewer_words(prompt: list, response: str) -> float:
     return -float(len(response.split()))
 
 
-class AlwaysFirst:
-    """A pairwise judge with pure position bias: it always picks response a."""
+class FlipsOrders:
+    """A pairwise judge that de-biases itself (as the llm/openai judges do) and finds pure position bias: the
+    orders disagree on every pair, so it abstains. Counts its calls."""
+
+    calls = 0
 
     def judge(self, prompts: list, response_pairs: list) -> list[Verdict]:
-        return [Verdict("a", reason="first") for _ in response_pairs]
+        FlipsOrders.calls += len(response_pairs)
+        return [Verdict("abstain", reason="orders disagree", orders=("a", "b")) for _ in response_pairs]
 
 
 def make_adapter(base: Path, out: Path, perturb: float) -> Path:
@@ -114,13 +118,16 @@ def test_eval_adapters_kl_rewards_and_outputs(tmp_path: Path, prompts: Path, mod
     assert manifest["metrics"]["zero_win_ties"] == N_PROMPTS
 
 
-def test_pairwise_judge_is_asked_in_both_orders(tmp_path: Path, prompts: Path, models: dict[str, Path]) -> None:
+def test_pairwise_judge_is_asked_once_per_pair_and_its_order_flips_are_counted(
+        tmp_path: Path, prompts: Path, models: dict[str, Path]) -> None:
     cfg = config(tmp_path, prompts, models, f"policies=[{models['moved']}]", "reward_model=",
-                 "judge=test_eval:AlwaysFirst", "max_prompts=3")
+                 "judge=test_eval:FlipsOrders", "max_prompts=3")
+    FlipsOrders.calls = 0
     report = json.loads((eval_stage.run(cfg) / "eval.json").read_text())
     moved = report["policies"][1]
-    # pure position bias: the policy wins as "a" and loses as "b" on every prompt -> all ties, all flips
-    assert moved["win_rate"]["ties"] == 3 and moved["position_flips"] == 3
+    # position de-biasing is the judge's: eval asks each pair once and reads the flips from the verdicts
+    assert FlipsOrders.calls == 3
+    assert moved["win_rate"]["abstains"] == 3 and moved["position_flips"] == 3
     assert moved["reward_mean"] is None and report["judge"]["kind"] == "pairwise"
 
 

@@ -101,6 +101,8 @@ def test_generate_stage_writes_k_samples_and_resumes(tiny_model: Path, prompt_fi
     part.mkdir()
     lines = (full / "samples.jsonl").read_text().splitlines(keepends=True)
     (part / "samples.jsonl").write_text("".join(lines[:2]) + lines[2][:40])
+    (part / "config.yaml").write_text((full / "config.yaml").read_text())
+    (part / "manifest.json").write_text(json.dumps({**read_manifest(full), "status": "running"}))
     resumed = run(generate_cfg(tiny_model, part, prompt_file, resume=True))
     assert read_manifest(resumed)["metrics"]["sampled_this_run"] == 3
     # Chunks are seeded by position, so the resumed file is what the uninterrupted run wrote.
@@ -120,7 +122,7 @@ def test_generate_refuses_a_changed_prompt_file_and_a_full_folder(tiny_model: Pa
         run(generate_cfg(tiny_model, out, prompt_file, max_prompts=2))
     prompt_file.write_text(prompt_file.read_text().replace("basil", "thyme"))
     with pytest.raises(DataError, match="changed"):
-        run(generate_cfg(tiny_model, out, prompt_file, resume=True))
+        run(generate_cfg(tiny_model, out, prompt_file, max_prompts=2, resume=True))
 
 
 def test_generate_recipes_load() -> None:

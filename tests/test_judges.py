@@ -246,7 +246,7 @@ def q(text: str) -> list[dict]:
 def samples(tmp_path: Path) -> Path:
     from conftest import write_jsonl
 
-    from align.stages.generate import prompt_id
+    from align.data.records import prompt_id
 
     rows = [{"id": prompt_id(q(f"question {i}")), "prompt": q(f"question {i}"), "responses": resp, "generation": {"model": "m"}}
             for i, resp in enumerate([

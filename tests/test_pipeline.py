@@ -11,8 +11,8 @@ import pytest
 from conftest import write_jsonl
 
 from align.config import load_config, opt
-from align.runs import read_manifest, start_run
-from align.stages import pipeline
+from align.runs import fingerprint, read_manifest, start_run
+from align.stages import pipeline, preferences
 from align.stages.pipeline import PlannedStep, execute
 
 CALLS: list[tuple[str, bool, bool]] = []
@@ -109,7 +109,9 @@ def test_interrupted_pipeline_continues_where_it_stopped(tmp_path: Path, data: P
         run_fake(root, data)
     manifest = read_manifest(root)
     assert manifest["status"] == "failed" and manifest["steps"]["b"]["status"] == "interrupted"
-    assert "c" not in manifest["steps"] and read_manifest(root / "b")["status"] == "running"
+    # the interrupted step's own run is marked failed (never left `running`), with the reason
+    assert "c" not in manifest["steps"] and read_manifest(root / "b")["status"] == "failed"
+    assert "KeyboardInterrupt" in read_manifest(root / "b")["error"]
     # the re-run skips a, resumes b (same config and inputs, the stage can resume) and runs c
     assert run_fake(root, data) == {"a": "skipped", "b": "resumed", "c": "ran"}
     assert ("b", True, False) in CALLS
@@ -120,8 +122,8 @@ def test_flatten_overrides_round_trip() -> None:
     flat = pipeline.flatten({"train": {"lr": 1e-4, "epochs": 1}, "policies": ["a", "b"], "judge": "llm",
                              "names": [], "x": {}})
     assert flat == ['train.lr=0.0001', 'train.epochs=1', 'policies=["a", "b"]', 'judge="llm"', 'names=[]', 'x={}']
-    assert pipeline.fingerprint("s", {"a": 1, "overwrite": True}, {}) == pipeline.fingerprint("s", {"a": 1}, {})
-    assert pipeline.fingerprint("s", {"a": 1}, {}) != pipeline.fingerprint("s", {"a": 2}, {})
+    assert fingerprint("s", {"a": 1, "overwrite": True}, {}) == fingerprint("s", {"a": 1}, {})
+    assert fingerprint("s", {"a": 1}, {}) != fingerprint("s", {"a": 2}, {})
 
 
 def test_preferences_step_concatenates_and_keeps_held_out_prompts_out(tmp_path: Path) -> None:
@@ -133,7 +135,7 @@ def test_preferences_step_concatenates_and_keeps_held_out_prompts_out(tmp_path: 
     valid = write_jsonl(tmp_path / "valid.jsonl", [pair("q3", "human")])
     ai = write_jsonl(tmp_path / "ai.jsonl", [pair("q4", "ai"), pair("q3", "ai")])
     none = write_jsonl(tmp_path / "none.jsonl", [])  # a judge that abstained on everything
-    out = pipeline.merge_preferences(pipeline.PreferencesConfig(
+    out = preferences.run(preferences.Config(
         inputs=[str(human), str(ai), str(none)], validation=[str(valid)], output_dir=str(tmp_path / "prefs")))
     train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     assert [r["prompt"][0]["content"] for r in train] == ["q1", "q2", "q4"]

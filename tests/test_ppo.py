@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny_model
+from safetensors.torch import load_file
 
 from align.config import load_config
 from align.errors import ConfigError
@@ -136,7 +137,7 @@ def test_ppo_raises_toy_reward(toy_policy: Path, tmp_path: Path, one_thread: Non
 
 
 def load_file_critic(run_dir: Path) -> dict:
-    return torch.load(run_dir / "critic.pt")
+    return load_file(str(run_dir / "critic.safetensors"))
 
 
 def test_ppo_resumes_after_sigkill(toy_policy: Path, tmp_path: Path, one_thread: None) -> None:
@@ -163,6 +164,15 @@ def test_ppo_resumes_after_sigkill(toy_policy: Path, tmp_path: Path, one_thread:
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "completed"
     assert json.loads((run_dir / "checkpoints" / "step-6" / "state.json").read_text())["step"] == 6
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    # ... and the result equals a run that was never interrupted (one thread, same seed)
+    whole = ppo.run(load_config(ppo.Config, TINY, [*args, f"output_dir={tmp_path / 'whole'}"]))
+    untimed = [[{k: v for k, v in r.items() if not k.startswith("time/")} for r in metrics_rows(d)] for d in (whole, run_dir)]
+    assert untimed[0] == untimed[1]
+    a, b = (load_file(str(d / "model" / "adapter_model.safetensors")) for d in (whole, run_dir))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    # nothing in a checkpoint is pickled: a crafted checkpoint cannot run code on resume
+    ckpt = run_dir / "checkpoints" / "step-6"
+    assert not list(ckpt.glob("*.pt")) and (ckpt / "optimizer.safetensors").is_file()
 
 
 def test_ppo_reward_model_reward_and_critic(tiny_model: Path, tmp_path: Path, one_thread: None) -> None:
@@ -179,7 +189,7 @@ def test_ppo_reward_model_reward_and_critic(tiny_model: Path, tmp_path: Path, on
     rows = metrics_rows(run_dir)
     assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values())
     assert all(abs(r["reward/shaped_mean"]) <= 2.0 for r in rows)
-    critic = torch.load(run_dir / "critic.pt")
+    critic = load_file(str(run_dir / "critic.safetensors"))
     assert any("lora_" in k for k in critic) and any("score" in k for k in critic)
 
 
@@ -228,7 +238,7 @@ def test_ppo_config_errors(tiny_model: Path, tmp_path: Path) -> None:
         ppo.run(config(tiny_model, tmp_path / "a", "sampling.top_p=0.9"))
     with pytest.raises(ConfigError, match="multiple"):
         ppo.run(config(tiny_model, tmp_path / "b", "ppo.batch_size=6", "ppo.mini_batch_size=4"))
-    with pytest.raises(ConfigError, match="not supported by PPO"):
+    with pytest.raises(ConfigError, match="not supported by ppo"):
         ppo.run(config(tiny_model, tmp_path / "c", "peft.method=prompt_tuning"))
     with pytest.raises(ConfigError, match="critic.kind"):
         config(tiny_model, tmp_path / "d", "critic.kind=other")
@@ -263,6 +273,6 @@ def test_ppo_two_processes_with_accelerate(toy_policy: Path, tmp_path: Path) -> 
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 process(es)" in res.stdout + res.stderr
-    assert sorted(p.name for p in (out / "checkpoints" / "step-2").glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+    assert sorted(p.name for p in (out / "checkpoints" / "step-2").glob("rng-*.json")) == ["rng-0.json", "rng-1.json"]
     assert len(metrics_rows(out)) == 2
     assert json.loads((out / "manifest.json").read_text())["status"] == "completed"

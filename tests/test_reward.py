@@ -189,19 +189,6 @@ def test_full_and_qlora_save_plain_classifiers(method: str, tiny_model: Path, sm
     assert not torch.allclose(before.model.layers[1].mlp.down_proj.weight, after.model.layers[1].mlp.down_proj.weight)
 
 
-def test_resume_continues_from_checkpoint(tiny_model: Path, small_files: tuple[Path, Path], tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    first = reward.run(tiny_cfg(tiny_model, *small_files, out, "train.max_steps=2", "train.save_steps=2"))
-    assert (first / "checkpoints/checkpoint-2").is_dir()
-    second = reward.run(tiny_cfg(tiny_model, *small_files, out, "train.max_steps=4", "train.save_steps=2",
-                                 "resume=true"))
-    manifest = json.loads((second / "manifest.json").read_text())
-    assert manifest["resumed_from"].endswith("checkpoint-2")
-    assert manifest["metrics"]["global_step"] == 4
-    state = json.loads((second / "checkpoints/checkpoint-4/trainer_state.json").read_text())
-    assert state["global_step"] == 4 and any(e.get("step") == 1 for e in state["log_history"])
-
-
 def test_score_stage_writes_scores(trained: Path, tmp_path: Path) -> None:
     rows = [{"prompt": "How do I fry kale?", "response": "Fry it hot. Tip: dry it first.", "meta": {"id": 1}},
             {"prompt": [{"role": "user", "content": "How do I fry kale?"}],
@@ -229,11 +216,32 @@ def test_validation_split_from_train_is_by_prompt(tiny_model: Path, toy_files: t
 
 def test_import_run_folder_as_data(toy_files: tuple[Path, Path], tmp_path: Path) -> None:
     import shutil
+    from dataclasses import dataclass
 
+    from align.runs import start_run
+
+    @dataclass(frozen=True)
+    class Fake:
+        output_dir: str
+
+    folder = tmp_path / "import"
     shutil.copy(toy_files[0], tmp_path / "train.jsonl")
-    assert reward.resolve_data(str(tmp_path), ("train", "preferences")) == tmp_path / "train.jsonl"
-    with pytest.raises(AlignError, match="valid.jsonl"):
-        reward.resolve_data(str(tmp_path), ("valid", "validation"))
+    with pytest.raises(AlignError, match="without an align manifest"):  # a plain folder is not a run folder
+        reward.resolve_data(str(tmp_path), ("train", "preferences"))
+    run_ = start_run("import", Fake(str(folder)))
+    shutil.copy(toy_files[0], folder / "train.jsonl")
+    run_.add_output("train", folder / "train.jsonl")
+    run_.write_manifest("failed")
+    with pytest.raises(AlignError, match="status 'failed'"):  # a failed import is not preference data
+        reward.resolve_data(str(folder), ("train", "preferences"))
+    run_.finish()
+    assert reward.resolve_data(str(folder), ("train", "preferences")) == folder / "train.jsonl"
+    with pytest.raises(AlignError, match="no valid or validation output"):
+        reward.resolve_data(str(folder), ("valid", "validation"))
+    sft_run = start_run("sft", Fake(str(tmp_path / "sft")))
+    sft_run.finish()
+    with pytest.raises(AlignError, match="is a sft run"):
+        reward.resolve_data(str(tmp_path / "sft"), ("train",))
 
 
 def test_margin_column_from_meta(tiny_model: Path, toy_files: tuple[Path, Path]) -> None:

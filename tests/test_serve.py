@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import select
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -214,5 +217,278 @@ def test_retry_delay_backs_off_and_honours_retry_after() -> None:
 
 
 def test_serve_recipe_loads() -> None:
+    from align.stages.serve import check_config
+
     cfg = load_config(Config, ROOT / "stages/serve.yaml")
-    assert cfg.host == "127.0.0.1"
+    assert cfg.host == "127.0.0.1" and cfg.api_key_env == "" and cfg.timeout_s == 30.0 and cfg.max_queue == 8
+    check_config(cfg)  # loopback without a key is allowed
+
+
+# --- `align serve` against bad clients (issue 12 §5): a fake model, tiny timeouts, raw sockets ---------------------
+
+class RecordingSampler:
+    """Answers 'ok' at once and records the settings of each call; with `gate`, waits on it inside generate."""
+
+    name = "fake"
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.gate, self.entered, self.calls = gate, threading.Event(), []
+
+    def generate(self, prompts, params, n=1):
+        from align.generation import Sample
+
+        self.calls.append(params)
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(30)
+        return [[Sample(text="ok", prompt_ids=[1, 2], response_ids=[3], finished=True)] * n]
+
+
+@contextlib.contextmanager
+def serving(cfg: Config | None = None, sampler=None, **service_kwargs) -> Iterator[tuple[str, ChatService]]:
+    service = ChatService(sampler or RecordingSampler(), "served", cfg or Config(), **service_kwargs)
+    server = make_server(service, "127.0.0.1", 0)
+    try:
+        yield start(server), service
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def raw(url: str, data: bytes, *, then_close_write: bool = False, wait_s: float = 5.0) -> tuple[bytes, float]:
+    """Send raw bytes; return everything the server sends until it closes the connection, and how long that took."""
+    host, port = url.removeprefix("http://").split(":")
+    t0 = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
+        sock.sendall(data)
+        if then_close_write:
+            sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):  # raises socket.timeout if the server holds the connection open
+            received += chunk
+    return received, time.monotonic() - t0
+
+
+def post_head(length: int | str, extra: str = "") -> bytes:
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\nConnection: close\r\n{extra}\r\n").encode()
+
+
+def post(body: bytes, extra: str = "") -> bytes:
+    return post_head(len(body), extra) + body
+
+
+def status_and_body(response: bytes) -> tuple[int, dict]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+HI = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_short_idle_and_trickling_clients_are_answered_or_dropped_within_the_timeout() -> None:
+    with serving(Config(timeout_s=0.5)) as (url, _):
+        # Content-Length 1000, 11 bytes sent, then silence: 400 naming the shortfall, connection closed.
+        out, took = raw(url, post_head(1000) + b'{"messages"')
+        status, body = status_and_body(out)
+        assert status == 400 and "11 of the 1000 bytes" in body["error"]["message"] and took < 3
+        # The same, but the client hangs up its side: 400 at once.
+        out, _ = raw(url, post_head(1000) + b'{"messages"', then_close_write=True)
+        assert status_and_body(out)[0] == 400 and "ended after 11 of the 1000" in out.decode()
+        # An idle connection (nothing sent) is closed after the timeout.
+        out, took = raw(url, b"")
+        assert out == b"" and 0.4 < took < 3
+        # A client that trickles one byte per 0.2 s (never silent for 0.5 s) still gets 400 once the body's 0.5 s
+        # deadline passes.
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(post_head(100))
+            t0 = time.monotonic()
+            while not select.select([sock], [], [], 0.2)[0] and time.monotonic() - t0 < 5:
+                sock.sendall(b" ")
+            out = b""
+            while chunk := sock.recv(65536):
+                out += chunk
+            assert b" 400 " in out and b"did not arrive within 0.5 s" in out and time.monotonic() - t0 < 2.5
+        # The server still answers well-behaved clients.
+        assert httpx.post(f"{url}/v1/chat/completions", json=HI).status_code == 200
+
+
+@pytest.mark.parametrize(("request_bytes", "status", "message"), [
+    (post_head(10**9), 413, "the body is 1000000000 bytes; the limit is 4096"),
+    (post_head("abc"), 400, "Content-Length"),
+    (post(b""), 400, "not valid JSON"),
+    (post(b'{"messages": "\xff\xfe"}'), 400, "not UTF-8 (byte 14)"),
+    (post(b"[1,"), 400, "not valid JSON"),
+    (post(b"[" * 4000), 400, "not valid JSON"),  # nested too deep for the parser's recursion
+    (post(b"x", "Transfer-Encoding: chunked\r\n"), 400, "chunked"),
+    (b"NONSENSE\r\n\r\n", 400, "Bad request"),
+])
+def test_malformed_bodies_get_json_client_errors(request_bytes: bytes, status: int, message: str) -> None:
+    with serving(Config(max_body_bytes=4096, timeout_s=5.0)) as (url, service):
+        out, took = raw(url, request_bytes)
+        got, body = status_and_body(out)
+        assert got == status and message in body["error"]["message"]
+        assert took < 2.5  # closed at once (the client sent Connection: close), not after the 5 s idle timeout
+        assert body["error"]["type"] == "invalid_request_error" and body["error"]["code"] == status
+        assert service.sampler.calls == []
+
+
+@pytest.mark.parametrize(("extra", "status", "message"), [
+    ({"seed": -1}, 400, "'seed' must be an integer in [0, 9223372036854775807], got -1"),
+    ({"seed": 2**63}, 400, "'seed'"),
+    ({"seed": 1.5}, 400, "'seed'"),
+    ({"seed": "7"}, 400, "'seed'"),
+    ({"seed": True}, 400, "'seed'"),
+    ({"n": 2.5}, 400, "'n' must be an integer"),
+    ({"max_tokens": 0}, 400, "'max_tokens'"),
+    ({"temperature": float("inf")}, 400, "'temperature'"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages[0].content is not valid Unicode"),
+    ({"model": "gpt-4o"}, 404, "model 'gpt-4o' is not served here; this server serves 'served'"),
+    ({"model": "served", "seed": 2**63 - 1}, 200, ""),
+    ({"model": None}, 200, ""),
+])
+def test_request_fields_are_checked_before_the_model_runs(extra: dict, status: int, message: str) -> None:
+    with serving() as (url, service):
+        resp = httpx.post(f"{url}/v1/chat/completions", content=json.dumps({**HI, **extra}),
+                          headers={"Content-Type": "application/json"})
+        assert resp.status_code == status
+        if status != 200:
+            assert message in resp.json()["error"]["message"] and service.sampler.calls == []
+        else:
+            assert resp.json()["model"] == "served" and len(service.sampler.calls) == 1
+
+
+def test_sampling_settings_from_a_request() -> None:
+    with serving(Config(max_tokens_limit=16, default_max_tokens=128)) as (url, service):
+        for extra in ({"seed": 2**63 - 1, "temperature": 1e-30}, {"max_completion_tokens": 7, "temperature": 0.5}):
+            assert httpx.post(f"{url}/v1/chat/completions", json={**HI, **extra}).status_code == 200
+        first, second = service.sampler.calls
+        # A vanishing temperature is greedy (dividing logits by 1e-30 overflows); the default is capped by the limit.
+        assert (first.seed, first.temperature, first.max_new_tokens) == (2**63 - 1, 0.0, 16)
+        assert (second.temperature, second.max_new_tokens) == (0.5, 7)
+
+
+def test_prompt_plus_max_tokens_must_fit_the_context() -> None:
+    words = {"messages": [{"role": "user", "content": " ".join(["w"] * 15)}]}  # 15 "tokens" for the counter below
+    count = lambda messages: len(messages[-1]["content"].split())
+    with serving(prompt_tokens=count, max_context=20) as (url, service):
+        assert httpx.post(f"{url}/v1/chat/completions", json={**words, "max_tokens": 5}).status_code == 200
+        resp = httpx.post(f"{url}/v1/chat/completions", json={**words, "max_tokens": 6})
+        assert resp.status_code == 400 and resp.json()["error"]["message"] == (
+            "the prompt is 15 tokens and max_tokens is 6: 21 > the model's context of 20 tokens; shorten the messages "
+            "or lower max_tokens")
+        assert len(service.sampler.calls) == 1
+    with serving(Config(max_context=10), prompt_tokens=count, max_context=20) as (url, _):  # the config wins
+        resp = httpx.post(f"{url}/v1/chat/completions", json={**words, "max_tokens": 1})
+        assert resp.status_code == 400 and "16 > the model's context of 10 tokens" in resp.text
+
+
+def test_a_prompt_longer_than_the_tiny_models_context_is_refused(tiny_server: str) -> None:
+    # The tiny model has max_position_embeddings=512 (tests/conftest.py); tokenizer.model_max_length is a sentinel.
+    body = {"messages": [{"role": "user", "content": "basil " * 600}], "max_tokens": 4}
+    resp = httpx.post(f"{tiny_server}/v1/chat/completions", json=body, timeout=60)
+    message = resp.json()["error"]["message"]
+    assert resp.status_code == 400 and "max_tokens is 4" in message and "the model's context of 512 tokens" in message
+    prompt_tokens = int(message.split("the prompt is ")[1].split(" ")[0])
+    assert prompt_tokens > 600
+
+
+def test_model_context_prefers_the_model_config() -> None:
+    from types import SimpleNamespace
+
+    from align.errors import ModelError
+    from align.stages.serve import model_context
+
+    sentinel = SimpleNamespace(model_max_length=int(1e30))
+    assert model_context(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=8192)), sentinel) == 8192
+    assert model_context(SimpleNamespace(config=SimpleNamespace(n_positions=1024)), sentinel) == 1024
+    assert model_context(SimpleNamespace(config=None), SimpleNamespace(model_max_length=2048)) == 2048
+    with pytest.raises(ModelError, match="set max_context"):
+        model_context(SimpleNamespace(config=None), sentinel)
+
+
+def test_a_full_queue_answers_429_with_retry_after() -> None:
+    gate = threading.Event()
+    sampler = RecordingSampler(gate)
+    with serving(Config(max_queue=1), sampler) as (url, service):
+        results: list[int] = []
+
+        def call() -> None:
+            results.append(httpx.post(f"{url}/v1/chat/completions", json=HI, timeout=30).status_code)
+
+        threads = [threading.Thread(target=call) for _ in range(2)]
+        threads[0].start()
+        assert sampler.entered.wait(10)  # the first request is generating (and holds the model)
+        threads[1].start()
+        deadline = time.monotonic() + 10
+        while service.in_flight < 2 and time.monotonic() < deadline:  # the second waits in the queue
+            time.sleep(0.01)
+        assert service.in_flight == 2
+        t0 = time.monotonic()
+        resp = httpx.post(f"{url}/v1/chat/completions", json=HI)
+        assert resp.status_code == 429 and time.monotonic() - t0 < 2
+        assert int(resp.headers["Retry-After"]) >= 1 and "busy" in resp.json()["error"]["message"]
+        gate.set()
+        for t in threads:
+            t.join(30)
+        assert results == [200, 200] and len(sampler.calls) == 2 and service.in_flight == 0
+        assert httpx.post(f"{url}/v1/chat/completions", json=HI).status_code == 200
+
+
+def test_too_many_connections_get_503() -> None:
+    with serving(Config(max_connections=1, timeout_s=10)) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))):  # holds the only connection slot, sending nothing
+            deadline, out = time.monotonic() + 10, b""
+            while b" 503 " not in out and time.monotonic() < deadline:  # until the idle one's handler runs
+                out = raw(url, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")[0]
+            assert b" 503 " in out and b"Retry-After: 1" in out and b"too many open connections (1)" in out
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the slot is free again once the idle client has gone
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_bearer_key_from_the_environment(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from align.stages.serve import api_key
+
+    monkeypatch.setenv("SERVE_TEST_KEY", SECRET)
+    cfg = Config(api_key_env="SERVE_TEST_KEY", host="0.0.0.0")
+    with serving(cfg, api_key=api_key(cfg)) as (url, service):
+        chat = f"{url}/v1/chat/completions"
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": SECRET},
+                        {"Authorization": f"Basic {SECRET}"}, {"Authorization": f"Bearer {SECRET}x"}):
+            resp = httpx.post(chat, json=HI, headers=headers)
+            assert resp.status_code == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
+            assert "Authorization: Bearer <key>" in resp.json()["error"]["message"] and SECRET not in resp.text
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200  # liveness probes need no key
+        good = {"Authorization": f"Bearer {SECRET}"}
+        assert httpx.post(chat, json=HI, headers=good).status_code == 200
+        assert httpx.get(f"{url}/v1/models", headers=good).json()["data"][0]["id"] == "served"
+        assert len(service.sampler.calls) == 1
+    assert SECRET not in capsys.readouterr().out
+
+
+def test_network_hosts_need_a_key_unless_explicitly_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from align.errors import ConfigError
+    from align.stages.serve import check_config, run
+
+    monkeypatch.delenv("SERVE_UNSET_KEY", raising=False)
+    monkeypatch.setenv("SERVE_TEST_KEY", SECRET)
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_config(Config(host=host))
+    check_config(Config(host="0.0.0.0", api_key_env="SERVE_TEST_KEY"))
+    check_config(Config(host="0.0.0.0", allow_no_auth_on_network=True))
+    for host in ("0.0.0.0", "", "192.168.1.5", "myhost.local", "::"):
+        with pytest.raises(ConfigError, match="without authentication; set api_key_env"):
+            check_config(Config(host=host))
+    with pytest.raises(ConfigError, match="api_key_env=SERVE_UNSET_KEY but that environment variable is not set"):
+        check_config(Config(api_key_env="SERVE_UNSET_KEY"))
+    # Refused before any model is looked for (this model folder does not exist).
+    with pytest.raises(ConfigError, match="without authentication"):
+        run(Config(host="0.0.0.0", model="/no/such/model"))

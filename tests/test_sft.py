@@ -96,14 +96,6 @@ def test_loss_masks_everything_but_assistant_turns(tiny_model):
     assert all_labels == ids
 
 
-def test_resume_continues_from_checkpoint(tiny_model, toy_sft, tmp_path):
-    run_sft(tiny_model, toy_sft, tmp_path / "run", "train.max_steps=2", "train.save_steps=2")
-    man = run_sft(tiny_model, toy_sft, tmp_path / "run", "train.max_steps=4", "train.save_steps=2", "resume=true")
-    assert man["status"] == "completed"
-    state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
-    assert state["global_step"] == 4
-
-
 def test_merge_folds_lora_into_a_full_model(tiny_model, toy_sft, tmp_path):
     from transformers import AutoModelForCausalLM
 

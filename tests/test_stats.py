@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from align.stats import combine_orders, count_outcomes, score_outcome, wilson_interval, win_rate
+from align.stats import count_outcomes, score_outcome, wilson_interval, win_rate
 
 
 def test_wilson_8_of_10_matches_hand_computation() -> None:
@@ -50,12 +50,3 @@ def test_count_outcomes_and_score_outcome() -> None:
     assert score_outcome(0.5, 0.55, tie_margin=0.1) == "tie"
     assert score_outcome(None, 0.5) == "abstain"
     assert score_outcome(math.nan, 0.5) == "abstain"
-
-
-def test_combine_orders_cancels_position_bias() -> None:
-    assert combine_orders("win", "win") == "win"
-    assert combine_orders("win", "loss") == "tie"  # the judge just preferred one position
-    assert combine_orders("win", "tie") == "win"
-    assert combine_orders("loss", "tie") == "loss"
-    assert combine_orders("abstain", "loss") == "loss"
-    assert combine_orders("abstain", "abstain") == "abstain"

@@ -2,11 +2,14 @@
 for every row read (accepted, or rejected with a reason) and every label (used, or dropped with a reason).
 
 Pipeline: read rows -> parse each row into votes (one annotator's verdict on one response pair) -> pair
-one-row-per-response scores -> drop exact duplicate labels -> group votes by (prompt, unordered pair) ->
-aggregate each group (majority | unanimous | all) -> drop records longer than max_length -> records.
+one-row-per-response scores -> with `tasks` (from `align label`): map votes back to their task's exact prompt
+and responses, score annotators on gold tasks, drop annotators below min_gold_accuracy -> drop exact duplicate
+labels -> group votes by (prompt, unordered pair) -> aggregate each group (majority | unanimous | all) -> drop
+records longer than max_length -> records.
 A row is *rejected* when it failed to parse or validate, or when it produced no label that reached a record
 (all cancelled, tie, no majority, duplicate, too long...); otherwise it is *accepted*, whether it gave one pair,
-several (rankings) or, like a middle response under pairs=best_vs_worst, none of its own.
+several (rankings) or, like a middle response under pairs=best_vs_worst, none of its own. A row labelling a
+gold task is accepted too: its labels score the annotator instead of becoming pairs.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import random
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from align.data.formats import (
     read_rows,
     rename,
 )
+from align.data.labeling import Task, gold_report
 from align.data.records import Message, PreferenceRecord
 from align.data.validate import Rejected, json_safe
 from align.errors import ConfigError
@@ -49,6 +53,8 @@ class ImportSettings:
     min_margin: float = 0.0
     aggregate: str = "majority"
     max_length: int = 0  # tokens of prompt + response; 0: no limit
+    tasks: Mapping[str, Task] = field(default_factory=dict)  # `align label` tasks by task_id
+    min_gold_accuracy: float = 0.0  # drop annotators whose accuracy on gold tasks is below this
 
     def check(self) -> None:
         if self.format != "auto" and self.format not in FORMATS:
@@ -63,6 +69,10 @@ class ImportSettings:
                               f"file's fields: {', '.join(COLUMN_NAMES)}")
         if self.min_margin < 0:
             raise ConfigError(f"min_margin={self.min_margin} must be >= 0")
+        if not 0 <= self.min_gold_accuracy <= 1:
+            raise ConfigError(f"min_gold_accuracy={self.min_gold_accuracy} must be in [0, 1]")
+        if self.min_gold_accuracy > 0 and not self.tasks:
+            raise ConfigError("min_gold_accuracy needs tasks=<the align label run> to know the gold answers")
 
 
 @dataclass
@@ -95,6 +105,7 @@ class ImportResult:
     units: list[list[tuple[str | None, str]]]  # (annotator, label) per (prompt, pair) unit, for agreement
     group_drops: Counter  # units (or votes, aggregate=all) dropped: tie / no_majority / not_unanimous / too_long
     lengths: list[dict[str, int]]  # per accepted record: chars and, with a tokenizer, tokens
+    gold: dict[str, dict[str, Any]] = field(default_factory=dict)  # annotator -> accuracy on gold tasks
 
     @property
     def accepted(self) -> int:
@@ -154,6 +165,9 @@ def parse_rows(raw_rows: list[RawRow], fmt: str, settings: ImportSettings, ledge
             outcome.reason, outcome.detail = e.reason, e.detail
             continue
         labels.update(parsed.dropped)
+        tid = row_task_id(raw.value)
+        for vote in parsed.votes if tid is not None else ():
+            vote.extra["task_id"] = tid
         if not parsed.votes and not parsed.rated:
             outcome.reason = parsed.dropped.most_common(1)[0][0] if parsed.dropped else "no_annotations"
             outcome.detail = "no usable label: " + ", ".join(f"{k} {n}" for k, n in parsed.dropped.most_common())
@@ -193,6 +207,72 @@ def _drop(ledger: list[RowOutcome], votes: Sequence[Vote], reason: str, detail: 
             ledger[row].drops.append((reason, detail))
 
 
+def row_task_id(row: Any) -> str | None:
+    """The `align label` task id a row carries (top level, Label Studio data, Argilla metadata), if any."""
+    if not isinstance(row, dict):
+        return None
+    for holder in (row, row.get("data"), row.get("metadata")):
+        if isinstance(holder, dict) and isinstance(holder.get("task_id"), (str, int)) and holder["task_id"] != "":
+            return str(holder["task_id"])
+    return None
+
+
+def _slot(task: Task, response: list[Message]) -> int | None:
+    """Index of the task response that `response` shows (exactly, else up to surrounding whitespace)."""
+    if len(response) != 1:
+        return None
+    text = response[0]["content"]
+    for same in (lambda r: r == text, lambda r: r.strip() == text.strip()):
+        hits = [i for i, r in enumerate(task.responses) if same(r)]
+        if len(hits) == 1:
+            return hits[0]
+    return None
+
+
+def apply_tasks(votes: list[Vote], settings: ImportSettings, ledger: list[RowOutcome],
+                labels: Counter) -> tuple[list[Vote], dict[str, dict[str, Any]]]:
+    """Votes naming a task get its exact prompt and responses (unknown task or other texts: dropped); votes on
+    gold tasks score their annotators and leave; annotators below min_gold_accuracy lose every vote.
+    Returns (the votes kept, the per-annotator gold report)."""
+    if not settings.tasks:
+        return votes, {}
+    kept, answers = [], []
+    for vote in votes:
+        tid = vote.extra.get("task_id")
+        if tid is None:
+            kept.append(vote)
+            continue
+        task = settings.tasks.get(tid)
+        if task is None:
+            _drop(ledger, [vote], "unknown_task", f"task {tid} is not in tasks=; give the label run it came from",
+                  labels)
+            continue
+        i, j = _slot(task, vote.a), _slot(task, vote.b)
+        if i is None or j is None:
+            _drop(ledger, [vote], "task_mismatch", f"the responses differ from those of task {tid}", labels)
+            continue
+        a, b = task.responses[i], task.responses[j]
+        vote = replace(vote, prompt=task.prompt, a=[{"role": "assistant", "content": a}],
+                       b=[{"role": "assistant", "content": b}])
+        if task.gold is None:
+            kept.append(vote)
+            continue
+        answers.append((vote.annotator, {"a": i, "b": j}.get(vote.label) == task.gold))
+        for row in vote.rows:
+            ledger[row].used = True
+    report = gold_report(answers, settings.min_gold_accuracy)
+    low = {who for who, r in report.items() if r["dropped"]}
+    out = []
+    for vote in kept:
+        if (vote.annotator or "") in low:
+            acc = report[vote.annotator or ""]["accuracy"]
+            _drop(ledger, [vote], "low_gold_accuracy", f"annotator {vote.annotator} scored {acc} on gold tasks < "
+                                                       f"min_gold_accuracy={settings.min_gold_accuracy}", labels)
+        else:
+            out.append(vote)
+    return out, report
+
+
 def _record(votes: Sequence[Vote], winner: str, ledger: list[RowOutcome]) -> PreferenceRecord:
     """One canonical record from the votes of one unit (all in the unit's orientation)."""
     first = votes[0]
@@ -201,6 +281,8 @@ def _record(votes: Sequence[Vote], winner: str, ledger: list[RowOutcome]) -> Pre
     meta: dict[str, Any] = {"source": "human", "format": ledger[first.rows[0]].format,
                             "annotators": sorted({v.annotator for v in votes if v.annotator is not None}),
                             "origin": origins[0]}
+    if "task_id" in first.extra:
+        meta["task_id"] = first.extra["task_id"]
     if len(origins) > 1:
         meta["origins"] = origins
     if len(votes) > 1:
@@ -296,9 +378,10 @@ def import_rows(sources: Sequence[tuple[str, list[RawRow]]], settings: ImportSet
         file_votes, file_groups = parse_rows(raw_rows, fmt, settings, ledger, labels)
         votes += file_votes
         groups += file_groups
+    votes, gold = apply_tasks(votes, settings, ledger, labels)
     records, units, group_drops, lengths = build_records(votes, settings, ledger, labels, measure)
     share_fate(ledger, groups)
-    return ImportResult(records, ledger, formats, labels, units, group_drops, lengths)
+    return ImportResult(records, ledger, formats, labels, units, group_drops, lengths, gold)
 
 
 def import_files(paths: Sequence[Path | str], settings: ImportSettings,

@@ -8,6 +8,7 @@ Readers accept plain-text prompts/responses and normalise them to messages. Ever
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,11 @@ ROLES = ("system", "user", "assistant", "tool")
 class Message(TypedDict):
     role: str
     content: str
+
+
+def prompt_id(prompt: list[Message]) -> str:
+    """Content hash of a prompt (16 hex digits): the key for resume and for matching prompts across files."""
+    return hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def read_jsonl(path: Path | str) -> Iterator[tuple[int, Any]]:

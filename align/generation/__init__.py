@@ -11,11 +11,11 @@ from align.data.records import Message
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    temperature: float = opt(0.8, "softmax temperature (0: greedy)")
-    top_p: float = opt(0.95, "nucleus sampling mass")
-    max_new_tokens: int = opt(96, "longest response in tokens")
-    seed: int = opt(0, "sampling seed (the same seed gives the same samples on the same backend)")
-    batch_size: int = opt(8, "prompts per generate call (hf backend)")
+    temperature: float = opt(0.8, "softmax temperature (0: greedy)", ge=0.0, le=10.0)
+    top_p: float = opt(0.95, "nucleus sampling mass", gt=0.0, le=1.0)
+    max_new_tokens: int = opt(96, "longest response in tokens", ge=1)
+    seed: int = opt(0, "sampling seed (the same seed gives the same samples on the same backend)", ge=0)
+    batch_size: int = opt(8, "prompts per generate call (hf backend)", ge=1)
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Sample:
     prompt_ids: list[int]
     response_ids: list[int]  # generated tokens, including the EOS token when finished
     finished: bool
+    logprobs: list[float] | None = None  # sampler's log-prob of each response token, when asked for
 
 
 class Sampler(Protocol):

@@ -8,11 +8,12 @@ import torch
 
 from align.data.records import Message
 from align.generation import Sample, SamplingSettings
+from align.models.load import chat_ids
 
 
 def chat_prompt_ids(tokenizer: Any, prompt: list[Message]) -> list[int]:
-    out = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
-    return list(out["input_ids"] if isinstance(out, dict) else out)
+    """The prompt's ids with the assistant turn opened (what a sampler continues)."""
+    return chat_ids(tokenizer, prompt, add_generation_prompt=True)
 
 
 class HFSampler:

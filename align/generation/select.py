@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from align.config import opt
 from align.errors import ConfigError
@@ -47,13 +48,8 @@ def build_sampler(model: str | Path, settings: BackendSettings = BackendSettings
         print(f"generation backend: {backend}{why}; model {path}", flush=True)
     tokenizer = load_tokenizer(path, settings.trust_remote_code)
     if backend == "vllm":
-        from align.generation.vllm import VLLMSampler
-
         adapter = path if is_adapter(path) else None
-        return VLLMSampler(base_of_adapter(path) if adapter else path, tokenizer, adapter=adapter,
-                           tensor_parallel_size=settings.tensor_parallel_size, dtype=settings.dtype,
-                           gpu_memory_utilization=settings.gpu_memory_utilization,
-                           max_model_len=settings.max_model_len, trust_remote_code=settings.trust_remote_code)
+        return vllm_sampler(base_of_adapter(path) if adapter else path, tokenizer, settings, adapter=adapter)
     import torch
 
     from align.generation.hf import HFSampler
@@ -62,3 +58,13 @@ def build_sampler(model: str | Path, settings: BackendSettings = BackendSettings
     if torch.cuda.is_available():
         hf_model = hf_model.to("cuda")
     return HFSampler(hf_model, tokenizer)
+
+
+def vllm_sampler(base: Path, tokenizer: Any, settings: BackendSettings, **kwargs: Any) -> Any:
+    """A VLLMSampler over `base` with the engine settings of `settings`; `kwargs` go to VLLMSampler (adapter=,
+    lora_rank= to swap adapters later with set_adapter, logprobs=True for the sampler's log-probs)."""
+    from align.generation.vllm import VLLMSampler
+
+    return VLLMSampler(base, tokenizer, tensor_parallel_size=settings.tensor_parallel_size, dtype=settings.dtype,
+                       gpu_memory_utilization=settings.gpu_memory_utilization,
+                       max_model_len=settings.max_model_len, trust_remote_code=settings.trust_remote_code, **kwargs)

@@ -13,6 +13,9 @@ a name registered under the `align.judges` entry-point group) are built from a Y
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -28,13 +31,15 @@ class Verdict:
 
     `error` set means the judge failed on this pair (unparseable output, HTTP error after retries): it is
     counted and written to failures.jsonl, never turned into a preference. `orders` holds the winner read in
-    each presentation order when the pair was judged both ways (a flip is when they differ).
+    each presentation order when the pair was judged both ways (a flip is when they differ). `confidence` is
+    the judge's probability for the side it picked (0.5..1), when it can tell (log-probability verdicts).
     """
 
     winner: Winner
     reason: str = ""
     error: str | None = None
     orders: tuple[str, ...] = ()
+    confidence: float | None = None
 
     def __post_init__(self) -> None:
         if self.winner not in WINNERS:
@@ -45,16 +50,35 @@ class Verdict:
         return self.error is not None
 
     def to_json(self) -> dict[str, Any]:
-        return {"winner": self.winner, "reason": self.reason, "error": self.error, "orders": list(self.orders)}
+        return {"winner": self.winner, "reason": self.reason, "error": self.error, "orders": list(self.orders),
+                "confidence": self.confidence}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Verdict:
+        confidence = data.get("confidence")
         return cls(winner=data["winner"], reason=data.get("reason", ""), error=data.get("error"),
-                   orders=tuple(data.get("orders") or ()))
+                   orders=tuple(data.get("orders") or ()),
+                   confidence=None if confidence is None else float(confidence))
 
 
 def failure(error: str) -> Verdict:
     return Verdict("abstain", error=error)
+
+
+REDACTED = "[REDACTED]"
+_BEARER = re.compile(r"\b(Bearer)\s+(?!\[REDACTED\])[^\s\"',;}\]]+", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(://)[^/@\s\"']+@")
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with every secret (also JSON-escaped), any `Bearer <token>` and any `user:password@` in a URL
+    replaced by [REDACTED]. Apply it before truncating, so no prefix of a key survives."""
+    for secret in secrets:
+        if secret:
+            for form in {secret, json.dumps(secret)[1:-1], secret.replace("/", "\\/")}:
+                text = text.replace(form, REDACTED)
+    text = _BEARER.sub(rf"\1 {REDACTED}", text)
+    return _URL_USERINFO.sub(rf"\1{REDACTED}@", text)
 
 
 @runtime_checkable

@@ -1,4 +1,7 @@
-"""Judge cache: one JSONL line per finished judgement, keyed by sha256 of (judge config, prompt, responses).
+"""Judge cache: one JSONL line per finished judgement, keyed by sha256 of (judge identity, prompt, responses).
+
+The judge identity is what determines its verdicts (model, template text, system, criteria, sampling...; see
+`LoadedJudge.identity`), not transport settings: changing a timeout or the concurrency re-uses the cache.
 
 Re-running a judge skips every key already present; failures are never cached, so a re-run retries them.
 Lines are appended and fsync'd per batch; a torn last line (a killed run) is ignored on load.
@@ -15,8 +18,8 @@ from typing import Any
 from align.data.records import Message
 
 
-def cache_key(judge_config: dict[str, Any], prompt: list[Message], responses: list[str]) -> str:
-    payload = json.dumps({"judge": judge_config, "prompt": prompt, "responses": responses}, sort_keys=True,
+def cache_key(judge_identity: dict[str, Any], prompt: list[Message], responses: list[str]) -> str:
+    payload = json.dumps({"judge": judge_identity, "prompt": prompt, "responses": responses}, sort_keys=True,
                          ensure_ascii=False, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 

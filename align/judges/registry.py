@@ -2,15 +2,21 @@
 name (`house_style` -> judges/house_style.yaml), or a class given directly as `package.module:ClassName`.
 
 `kind` is a built-in (reward_model, llm, openai, rules, ensemble), a `package.module:ClassName`, or a name
-registered under the `align.judges` entry-point group. A judge class may declare a dataclass `Config`
-attribute: the spec's options are loaded into it (unknown keys are errors) and passed to the constructor.
-Without one, the options are passed as keyword arguments.
+registered under the `align.judges` entry-point group. Whatever `kind` names must be a class implementing
+the judge protocol (exactly one of `judge` / `score`), checked before anything is constructed: a spec is code
+(`kind: subprocess:run` is refused, not called), so run only specs you trust.
+
+A judge class may declare a dataclass `Config` attribute: the spec's options are loaded into it (unknown keys
+are errors) and passed to the constructor. Without one, the options are passed as keyword arguments. It may
+also define `identity() -> dict`: what determines its verdicts (the judge cache and id are keyed on it), so
+that transport settings such as timeouts or concurrency can change without re-judging anything.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -23,7 +29,7 @@ from align.config import from_dict, to_dict
 from align.errors import ConfigError
 from align.judges import Judge, judge_kind
 from align.judges.prompted import REPO_JUDGES
-from align.judges.rules import import_object
+from align.plugins import import_object
 
 ENTRY_POINT_GROUP = "align.judges"
 BUILTINS: dict[str, str] = {
@@ -45,19 +51,21 @@ class JudgeSpec:
 
 @dataclass
 class LoadedJudge:
-    """A built judge with what identifies it: `config` (kind + resolved options) keys the cache."""
+    """A built judge. `config` (kind + resolved options) is what the manifest records; `identity` (kind + what
+    determines the verdicts) keys the cache and the id."""
 
     name: str
     kind: str
     judge: Judge
     mode: Literal["pairwise", "score"]
     config: dict[str, Any]
+    identity: dict[str, Any] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
-        """`name@<8 hex>`: changes whenever the judge's configuration does."""
-        digest = hashlib.sha256(json.dumps(self.config, sort_keys=True, default=str).encode()).hexdigest()
-        return f"{self.name}@{digest[:8]}"
+        """`name@<8 hex>`: changes whenever what determines the judge's verdicts does."""
+        digest = hashlib.sha256(json.dumps(self.identity or self.config, sort_keys=True, default=str).encode())
+        return f"{self.name}@{digest.hexdigest()[:8]}"
 
 
 def entry_points() -> dict[str, metadata.EntryPoint]:
@@ -91,20 +99,39 @@ def read_spec(ref: str | Path) -> JudgeSpec:
     return JudgeSpec(name=str(data.get("name") or path.stem), kind=data["kind"], options=options, source=str(path))
 
 
-def judge_class(kind: str, where: str) -> Any:
+def judge_class(kind: str, where: str) -> type:
+    """The class `kind` names (built-in, `module:Class` or entry point), checked to be a judge class."""
     if kind in BUILTINS:
-        return import_object(BUILTINS[kind], f"{where}: built-in judge")
+        return check_judge_class(import_object(BUILTINS[kind], f"{where}: built-in judge"), kind, where)
     if ":" in kind:
-        return import_object(kind, f"{where}: judge class")
+        return check_judge_class(import_object(kind, f"{where}: judge class"), kind, where)
     eps = entry_points()
     if kind in eps:
         try:
-            return eps[kind].load()
+            obj = eps[kind].load()
         except Exception as e:  # noqa: BLE001 - a broken plug-in should read as a config problem
             raise ConfigError(f"{where}: entry point {kind!r} ({eps[kind].value}) failed to load: {e}") from None
+        return check_judge_class(obj, f"{kind} ({eps[kind].value})", where)
     raise ConfigError(f"{where}: unknown judge kind {kind!r}; use one of {', '.join(BUILTINS)}, "
                       f"package.module:ClassName, or an '{ENTRY_POINT_GROUP}' entry point "
                       f"({', '.join(eps) or 'none installed'})")
+
+
+def check_judge_class(obj: Any, kind: str, where: str) -> type:
+    """`obj` itself when it is a class defining exactly one of judge(prompts, response_pairs) and
+    score(prompts, responses); else a ConfigError. Nothing is called: a function such as subprocess:run would
+    otherwise run with the spec's options as arguments."""
+    if not inspect.isclass(obj):
+        what = "function" if callable(obj) else type(obj).__name__
+        raise ConfigError(f"{where}: judge kind {kind!r} is a {what}, not a judge class; name a class with "
+                          f"judge(prompts, response_pairs) or score(prompts, responses) (a per-sample scoring "
+                          f"function goes in a `kind: rules` spec as `function:`)")
+    pairwise, score = callable(getattr(obj, "judge", None)), callable(getattr(obj, "score", None))
+    if pairwise == score:
+        raise ConfigError(f"{where}: judge class {kind!r} must define exactly one of judge(prompts, "
+                          f"response_pairs) or score(prompts, responses) ({'both' if pairwise else 'neither'} "
+                          f"found)")
+    return obj
 
 
 def build(cls: Any, options: dict[str, Any], where: str) -> tuple[Judge, dict[str, Any]]:
@@ -131,7 +158,10 @@ def load_judge(ref: str | Path | JudgeSpec, overrides: dict[str, Any] | None = N
     except TypeError as e:
         raise ConfigError(f"{spec.source}: {e}") from None
     config: dict[str, Any] = {"kind": spec.kind, **resolved}
+    identity_fn = getattr(judge, "identity", None)
+    identity: dict[str, Any] = {"kind": spec.kind, **(identity_fn() if callable(identity_fn) else resolved)}
     members = getattr(judge, "members", None)
     if members:  # an ensemble is identified by what its members are, not just their names
         config["member_configs"] = [m.config for m in members]
-    return LoadedJudge(name=spec.name, kind=spec.kind, judge=judge, mode=mode, config=config)
+        identity["member_identities"] = [m.identity for m in members]
+    return LoadedJudge(name=spec.name, kind=spec.kind, judge=judge, mode=mode, config=config, identity=identity)

@@ -4,7 +4,6 @@ that sample only (the stage counts it and writes it to failures.jsonl)."""
 
 from __future__ import annotations
 
-import importlib
 import math
 import sys
 from collections.abc import Callable
@@ -14,30 +13,13 @@ from typing import Any
 from align.config import opt
 from align.data.records import Message
 from align.errors import ConfigError
+from align.plugins import import_object
 
 
 @dataclass(frozen=True)
 class Config:
     function: str = opt("align.judges.house_style:house_style_score",
                         "`module:function` taking (prompt messages, response text) and returning a float")
-
-
-def import_object(spec: str, what: str) -> Any:
-    """'package.module:Name' -> the object. Errors say what was missing and how to write the spec."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"{what} {spec!r} must look like package.module:Name")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"{what} {spec!r}: cannot import {module_name} ({e}); is the package installed and on "
-                          f"PYTHONPATH?") from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{what} {spec!r}: {module_name} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
 
 
 class RulesJudge:

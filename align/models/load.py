@@ -113,6 +113,13 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+def chat_ids(tokenizer: Any, messages: list[Any], *, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of `messages` under the tokenizer's chat template (the one place the template is applied)."""
+    out = tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=add_generation_prompt,
+                                        return_dict=False)
+    return list(out["input_ids"] if isinstance(out, dict) else out)
+
+
 def quantization_config(compute_dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 

@@ -25,12 +25,12 @@ MERGEABLE_METHODS = {"lora", "qlora", "dora", "adalora", "ia3"}
 class PeftSettings:
     method: Method = opt("lora", "lora | qlora (4-bit nf4 base + LoRA) | dora | adalora | ia3 | prompt_tuning | "
                                  "prefix_tuning | p_tuning | freeze (last N blocks) | bitfit (biases) | full")
-    r: int = opt(16, "LoRA-family rank (adalora: the target average rank)")
-    alpha: int = opt(32, "LoRA-family scaling numerator (scale = alpha / r)")
-    dropout: float = opt(0.05, "dropout on the LoRA-family input")
+    r: int = opt(16, "LoRA-family rank (adalora: the target average rank)", ge=1)
+    alpha: int = opt(32, "LoRA-family scaling numerator (scale = alpha / r)", ge=1)
+    dropout: float = opt(0.05, "dropout on the LoRA-family input", ge=0.0, lt=1.0)
     target_modules: list[str] = opt(["all-linear"], "modules to adapt; 'all-linear' = every linear but the LM head")
-    num_virtual_tokens: int = opt(16, "prompt_tuning / prefix_tuning / p_tuning: number of virtual tokens")
-    freeze_trainable_layers: int = opt(2, "freeze: train only the last N transformer blocks (+ final norm)")
+    num_virtual_tokens: int = opt(16, "prompt_tuning / prefix_tuning / p_tuning: number of virtual tokens", ge=1)
+    freeze_trainable_layers: int = opt(2, "freeze: train only the last N transformer blocks (+ final norm)", ge=1)
 
 
 def _lora_kwargs(s: PeftSettings) -> dict[str, Any]:

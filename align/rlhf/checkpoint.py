@@ -1,8 +1,10 @@
 """Resumable PPO checkpoints, written atomically.
 
-`checkpoints/step-N/` holds: trainable.pt (every trainable tensor: the LoRA adapter and the value head or critic
-adapter), optimizer.pt, rng-<rank>.pt (python/numpy/torch RNG states of each process), state.json (step, KL
-controller, reward normaliser) and, for adapter methods, policy/ (the adapter alone, loadable with PEFT).
+`checkpoints/step-N/` holds: trainable.safetensors (every trainable tensor: the LoRA adapter and the value head or
+critic adapter), optimizer.safetensors + optimizer.json (the optimizer's tensors, and its plain numbers and param
+groups), rng-<rank>.json (python/numpy/torch RNG states of each process), state.json (step, KL controller, reward
+normaliser) and, for adapter methods, policy/ (the adapter alone, loadable with PEFT). Nothing is pickled, so a
+crafted checkpoint in a shared run folder cannot run code on `resume=true`.
 Everything is written into a hidden temporary folder that is renamed into place only when complete, so a run
 killed mid-save leaves the previous checkpoint as the newest one.
 """
@@ -34,17 +36,52 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as plain JSON data."""
     import numpy as np
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state().tolist()}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def save_optimizer(optimizer_state: dict[str, Any], folder: Path) -> None:
+    """An optimizer state_dict as optimizer.safetensors (its tensors) + optimizer.json (everything else)."""
+    from safetensors.torch import save_file
+
+    tensors, numbers = {}, {}
+    for pid, per_param in optimizer_state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                numbers[f"{pid}.{name}"] = value
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    (folder / "optimizer.json").write_text(json.dumps({"numbers": numbers,
+                                                      "param_groups": optimizer_state["param_groups"]}))
+
+
+def load_optimizer(folder: Path) -> dict[str, Any]:
+    """The inverse of `save_optimizer`: a state_dict for `optimizer.load_state_dict`."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "optimizer.json").read_text())
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*load_file(str(folder / "optimizer.safetensors")).items(), *meta["numbers"].items()]:
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer: Any,
@@ -57,10 +94,12 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+    (tmp / f"rng-{rank}.json").write_text(json.dumps(rng_state()))
     if is_main:
-        torch.save(trainable, tmp / "trainable.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        save_optimizer(optimizer.state_dict(), tmp)
         if save_policy is not None:
             save_policy(tmp / "policy")
         (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": world, **state}, indent=2))
@@ -77,11 +116,13 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
 
 def load_checkpoint(path: Path, rank: int) -> dict[str, Any]:
     """{'trainable', 'optimizer', 'state', 'rng' (None when this rank saved none)} of a checkpoint folder."""
-    rng_file = path / f"rng-{rank}.pt"
-    return {"trainable": torch.load(path / "trainable.pt", map_location="cpu"),
-            "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False),
+    from safetensors.torch import load_file
+
+    rng_file = path / f"rng-{rank}.json"
+    return {"trainable": load_file(str(path / "trainable.safetensors")),
+            "optimizer": load_optimizer(path),
             "state": json.loads((path / "state.json").read_text()),
-            "rng": torch.load(rng_file, weights_only=False) if rng_file.is_file() else None}
+            "rng": json.loads(rng_file.read_text()) if rng_file.is_file() else None}
 
 
 def _fsync_dir(path: Path) -> None:

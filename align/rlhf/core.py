@@ -92,6 +92,27 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: KLEstimator) -> Ten
     raise ValueError(f"unknown KL estimator {kind!r}; use k1, k2 or k3")
 
 
+def shape_scores(scores: Tensor, truncated: Tensor, missing_eos_penalty: float, clip: float,
+                 moments: tuple[float, float] | None = None) -> Tensor:
+    """Scores [B] -> shaped scores [B]: minus `missing_eos_penalty` where the response was cut (truncated = 1.0),
+    then standardised by `moments` = (mean, std) if given, then clipped to [-clip, clip] (clip 0: off)."""
+    shaped = scores - missing_eos_penalty * truncated
+    if moments is not None:
+        shaped = (shaped - moments[0]) / moments[1]
+    return shaped.clamp(-clip, clip) if clip > 0 else shaped
+
+
+def token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """PPO's per-token rewards: −β·KL at every response token, plus the sequence's score on its last token.
+
+    scores: [B]; kl, mask: [B, T] (kl already zero outside mask) -> [B, T]
+    """
+    rewards = -beta * kl
+    last = mask.sum(-1).long() - 1
+    rewards[torch.arange(scores.shape[0], device=scores.device), last] += scores
+    return rewards
+
+
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation, backwards over the response tokens.
 

@@ -17,10 +17,8 @@ Critic choice (`critic.kind`):
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -179,12 +177,3 @@ def describe_samples(samples: list[Sample]) -> dict[str, float]:
 
 def model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
-
-
-def point_adapter_at(adapter_dir: Path, source: Path) -> None:
-    """Record the absolute path of the model an adapter was trained on (itself possibly the SFT adapter, which
-    `align.models.load.load_model` merges first), so the adapter reloads from anywhere."""
-    path = Path(adapter_dir) / "adapter_config.json"
-    data = json.loads(path.read_text())
-    data["base_model_name_or_path"] = str(Path(source).resolve())
-    path.write_text(json.dumps(data, indent=2))

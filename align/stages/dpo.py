@@ -16,48 +16,44 @@ ending its answers. The NLL term keeps the chosen answers, their end-of-turn inc
 
 from __future__ import annotations
 
-import copy
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from align.config import opt
+from align.config import DTYPE_HELP, Dtype, opt
 from align.data.records import read_preferences, read_prompts
-from align.errors import ConfigError
 from align.generation import SamplingSettings
-from align.models.peft import ADAPTER_METHODS, PeftSettings
+from align.models.peft import PeftSettings
 from align.rewards import RewardSettings
 from align.training import TrainSettings
 
-DPO_METHODS = ("lora", "qlora", "dora", "ia3", "full")  # adapters whose disabled state is the reference, or full
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"]
 
 
 @dataclass(frozen=True)
 class DataSettings:
     train: str = opt("runs/import/train.jsonl", "canonical preference JSONL (prompt, chosen, rejected)")
     validation: str = opt("runs/import/valid.jsonl", "validation preference JSONL ('' for none)")
-    max_length: int = opt(512, "max tokens of prompt + response; longer pairs are truncated by TRL")
+    max_length: int = opt(512, "max tokens of prompt + response; longer pairs are truncated by TRL", ge=8)
 
 
 @dataclass(frozen=True)
 class DPOSettings:
     beta: float = opt(0.1, "strength of the pull towards the reference: implicit reward = β·log(π/π_ref); "
-                           "larger β = smaller steps away from the reference (ipo: the regulariser τ)")
-    loss_type: str = opt("sigmoid", "sigmoid (DPO) | ipo | hinge (SLiC) | robust (noisy labels, use "
+                           "larger β = smaller steps away from the reference (ipo: the regulariser τ)", gt=0.0)
+    loss_type: LossType = opt("sigmoid", "sigmoid (DPO) | ipo | hinge (SLiC) | robust (noisy labels, use "
                                     "label_smoothing) | exo_pair | nca_pair | bco_pair | sppo_hard | aot | apo_zero "
                                     "| apo_down | discopop | sigmoid_norm")
-    label_smoothing: float = opt(0.0, "robust/exo: assumed probability that a label is flipped (robust: < 0.5)")
+    label_smoothing: float = opt(0.0, "robust/exo: assumed probability that a label is flipped (robust: < 0.5)", ge=0.0, lt=0.5)
     sft_weight: float = opt(0.0, "weight of an NLL loss on the chosen responses added to the preference loss "
-                                 "(RPO); > 0 keeps the chosen likely, against DPO's drift into degenerate text")
+                                 "(RPO); > 0 keeps the chosen likely, against DPO's drift into degenerate text", ge=0.0)
 
 
 @dataclass(frozen=True)
 class EvalSettings:
     prompts: str = opt("data/prompts/eval.jsonl", "held-out prompts for the reward before/after check")
-    size: int = opt(16, "held-out prompts to sample (0: skip the check)")
+    size: int = opt(16, "held-out prompts to sample (0: skip the check)", ge=0)
     reward: RewardSettings = opt(RewardSettings(), "reward for the check (the trained reward model by default)")
     sampling: SamplingSettings = opt(SamplingSettings(max_new_tokens=64), "sampling for the check")
 
@@ -68,8 +64,8 @@ class Config:
     output_dir: str = opt("runs/dpo", "where the run goes")
     overwrite: bool = opt(False, "replace an existing output_dir")
     resume: bool = opt(False, "continue from the last checkpoint in output_dir")
-    seed: int = opt(42, "random seed")
-    dtype: str = opt("auto", "auto (bf16 where fast) | float32 | bfloat16 | float16")
+    seed: int = opt(42, "random seed", ge=0)
+    dtype: Dtype = opt("auto", DTYPE_HELP)
     trust_remote_code: bool = opt(False, "allow model code from the model folder")
     data: DataSettings = opt(DataSettings(), "preference data")
     dpo: DPOSettings = opt(DPOSettings(), "the DPO loss")
@@ -78,7 +74,14 @@ class Config:
     eval: EvalSettings = opt(EvalSettings(), "held-out reward before/after training")
 
 
-def preference_dataset(path: str) -> Any:
+def preference_path(path: str, outputs: tuple[str, ...]) -> Path:
+    """A preference JSONL, or a completed import / preferences / judge run folder's output among `outputs`."""
+    from align.runs import resolve_input
+
+    return resolve_input(path, what="preference data", stages=("import", "preferences", "judge"), outputs=outputs)
+
+
+def preference_dataset(path: Path | str) -> Any:
     """Canonical preference records -> a conversational TRL dataset (prompt / chosen / rejected messages)."""
     from datasets import Dataset
 
@@ -101,37 +104,39 @@ def run(cfg: Config) -> Path:
     import torch
     from trl import DPOConfig, DPOTrainer
 
-    from align.models.load import load_model, load_tokenizer, pick_dtype, resolve_model
-    from align.models.peft import attach_peft, count_parameters
-    from align.rlhf.policy import point_adapter_at
+    from align.models.load import pick_dtype, resolve_model
+    from align.models.peft import count_parameters
+    from align.models.policy import check_method, load_policy, save_policy
+    from align.rewards import check_reward
     from align.runs import start_run
-    from align.training import callbacks, history_metrics, last_checkpoint, precision_flags, trainer_kwargs
+    from align.training import (
+        callbacks,
+        history_metrics,
+        last_checkpoint,
+        precision_flags,
+        total_steps,
+        trainer_kwargs,
+    )
 
-    if cfg.dpo.loss_type not in LOSS_TYPES:
-        raise ConfigError(f"dpo.loss_type={cfg.dpo.loss_type!r} is unknown; use one of {', '.join(LOSS_TYPES)}")
-    if cfg.dpo.sft_weight < 0:
-        raise ConfigError(f"dpo.sft_weight={cfg.dpo.sft_weight} must be >= 0 (0 turns the NLL term off)")
-    if cfg.peft.method not in DPO_METHODS:
-        raise ConfigError(f"peft.method={cfg.peft.method} is not supported by DPO here; use one of "
-                          f"{', '.join(DPO_METHODS)}")
-    train_ds = preference_dataset(cfg.data.train)
-    val_ds = preference_dataset(cfg.data.validation) if cfg.data.validation else None
+    check_method("dpo", cfg.peft.method)
+    train_path = preference_path(cfg.data.train, ("train", "preferences"))
+    val_path = preference_path(cfg.data.validation, ("valid", "validation")) if cfg.data.validation else None
+    train_ds = preference_dataset(train_path)
+    val_ds = preference_dataset(val_path) if val_path else None
+    source = resolve_model(cfg.policy)
+    if cfg.eval.size > 0:
+        check_reward(cfg.eval.reward)  # not after an hour of training
+        read_prompts(cfg.eval.prompts)
 
     run_ = start_run("dpo", cfg, resume=cfg.resume)
     torch.manual_seed(cfg.seed)
-    source = resolve_model(cfg.policy)
-    for path in (cfg.data.train, cfg.data.validation, source):
+    for path in (train_path, val_path, source):
         if path:
             run_.add_input(path)
-    tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     dtype = pick_dtype(cfg.dtype)
-    model = load_model(source, dtype=cfg.dtype, load_in_4bit=cfg.peft.method == "qlora", merge=True,
-                       trust_remote_code=cfg.trust_remote_code)
-    # Full fine-tuning moves the weights themselves: only then is a frozen copy the reference.
-    ref_model = copy.deepcopy(model).requires_grad_(False).eval() if cfg.peft.method == "full" else None
-    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(
-        len(train_ds) / (cfg.train.batch_size * cfg.train.grad_accum) * cfg.train.epochs)
-    model, trained = attach_peft(model, cfg.peft, total_steps=steps)
+    policy = load_policy(source, stage="dpo", peft=cfg.peft, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                         total_steps=total_steps(len(train_ds), cfg.train))
+    model, ref_model, tokenizer, trained = policy.model, policy.reference, policy.tokenizer, policy.trained
     n_train, n_total = count_parameters(model)
     print(f"dpo: {trained} ({n_train:,} of {n_total:,} parameters); loss {loss_name(cfg.dpo)}, β={cfg.dpo.beta}; "
           f"{len(train_ds)} pairs", flush=True)
@@ -147,13 +152,7 @@ def run(cfg: Config) -> Path:
     final_eval = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
     after = final_eval[-1] if final_eval else trainer.evaluate() if val_ds is not None else {}
 
-    out = run_.dir / "model"
-    if cfg.peft.method in ADAPTER_METHODS:
-        trainer.model.save_pretrained(out, selected_adapters=["default"], safe_serialization=True)
-        point_adapter_at(out, source)
-    else:
-        trainer.model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    out = save_policy(trainer.model, tokenizer, run_.dir / "model", method=cfg.peft.method, base=source)
     run_.add_output("model", out)
     run_.metrics.update(history_metrics(trainer.state.log_history))
     first = next((h for h in trainer.state.log_history if "loss" in h), {})

@@ -2,7 +2,8 @@
 
 Every policy (SFT first, then each aligned one) samples one response per prompt with the same sampling settings
 and seed. Reported per policy: the reward model's mean score, the win rate against SFT by the configured judge
-(score judges compare scores; pairwise judges are asked in both orders; ties count half, abstains are left out;
+(score judges compare scores; a pairwise judge is asked once per pair and is itself responsible for position
+bias — the llm and openai judges ask both orders; ties count half, abstains are left out;
 95% Wilson interval, see align/stats.py), the KL to the reference (mean per-token log π − log π_ref of the
 policy's own samples, raw temperature-1 distributions; for an adapter policy the reference is the same model
 with the adapter disabled), mean response length and the finished fraction. The default judge is the
@@ -21,12 +22,12 @@ from typing import Any
 
 import torch
 
-from align.config import opt, to_dict
+from align.config import DTYPE_HELP, Dtype, opt, to_dict
 from align.data.records import Message, PromptRecord, read_prompts, write_jsonl
 from align.errors import ConfigError, DataError
 from align.generation import Sample, SamplingSettings
 from align.runs import atomic_write_json, read_manifest, start_run
-from align.stats import Outcome, WinRate, combine_orders, count_outcomes, score_outcome
+from align.stats import Outcome, WinRate, count_outcomes, score_outcome
 
 DEFAULT_JUDGE = "align.judges.house_style:house_style_score"
 
@@ -39,22 +40,22 @@ class Config:
     names: list[str] = opt([], "display names for `policies` (default: their folder names)")
     reward_model: str = opt("runs/pipeline/reward", "reward run folder for mean scores ('' to skip)")
     prompts: str = opt("data/prompts/eval.jsonl", "held-out prompt-only JSONL (no stage trained on these)")
-    max_prompts: int = opt(0, "use only the first N prompts (0: all)")
+    max_prompts: int = opt(0, "use only the first N prompts (0: all)", ge=0)
     judge: str = opt(DEFAULT_JUDGE, "win-rate judge: a judge spec YAML (judges/*.yaml), a rules function "
                                     "`module:function`, or a judge class `module:Class`")
     training_judges: list[str] = opt([], "judge specs that produced AI training labels (the pipeline fills "
                                          "it in): the report says whether the evaluation judge is among them")
-    tie_margin: float = opt(0.0, "score judges: a score difference of at most this is a tie")
+    tie_margin: float = opt(0.0, "score judges: a score difference of at most this is a tie", ge=0.0)
     reference: str = opt("", "KL reference ('': an adapter policy's adapter-disabled base; the SFT policy for a "
                              "full-model policy)")
     sampling: SamplingSettings = opt(SamplingSettings(temperature=0.7, top_p=0.9, max_new_tokens=96, seed=1234),
                                      "sampling, identical for every policy")
-    side_by_side: int = opt(6, "prompts shown side by side in eval.json and the report")
-    dtype: str = opt("auto", "auto | float32 | bfloat16")
+    side_by_side: int = opt(6, "prompts shown side by side in eval.json and the report", ge=0)
+    dtype: Dtype = opt("auto", DTYPE_HELP)
     trust_remote_code: bool = opt(False, "allow model code from model folders")
     output_dir: str = opt("runs/eval", "where eval.json and samples.jsonl go")
     overwrite: bool = opt(False, "replace an existing output_dir")
-    seed: int = opt(0, "torch seed before each policy (sampling has its own seed)")
+    seed: int = opt(0, "torch seed before each policy (sampling has its own seed)", ge=0)
 
 
 @dataclass
@@ -79,19 +80,11 @@ class PolicyResult:
 # ---------------------------------------------------------------- models
 
 def load_policy(path: Path, dtype: str, trust_remote_code: bool) -> tuple[Any, Any]:
-    """(model, tokenizer); an adapter stays a live PeftModel so `disable_adapter()` gives its reference."""
-    from align.models.load import base_of_adapter, is_adapter, load_model, load_tokenizer
+    """(model, tokenizer) for sampling; an adapter stays live so `disable_adapter()` gives its reference."""
+    from align.models.policy import load_policy as load
 
-    tokenizer = load_tokenizer(path, trust_remote_code)
-    if is_adapter(path):
-        from peft import PeftModel
-
-        base = load_model(base_of_adapter(path), dtype=dtype, trust_remote_code=trust_remote_code, merge=True)
-        model = PeftModel.from_pretrained(base, path)
-    else:
-        model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.eval()
-    return model.to("cuda") if torch.cuda.is_available() else model, tokenizer
+    policy = load(path, stage="eval", dtype=dtype, trust_remote_code=trust_remote_code)
+    return policy.model.to("cuda") if torch.cuda.is_available() else policy.model, policy.tokenizer
 
 
 def evaluate_policy(name: str, path: Path, prompts: list[list[Message]], cfg: Config,
@@ -153,7 +146,8 @@ def build_judge(spec: str) -> Any:
     from align.judges import judge_kind
     from align.judges.registry import load_judge
     from align.judges.rules import Config as RulesConfig
-    from align.judges.rules import RulesJudge, import_object
+    from align.judges.rules import RulesJudge
+    from align.plugins import import_object
 
     if ":" in spec and not spec.endswith((".yaml", ".yml")) and not isinstance(import_object(spec, "judge"), type):
         judge: Any = RulesJudge(RulesConfig(function=spec))
@@ -195,14 +189,13 @@ def judge_policies(judge: Any, prompts: list[list[Message]], sft: PolicyResult, 
         for r in others:
             r.outcomes = [score_outcome(a, b, tie_margin) for a, b in zip(r.judge_scores, sft.judge_scores)]
         return kind
+    as_policy = {"a": "win", "b": "loss", "tie": "tie", "abstain": "abstain"}
     for r in others:
-        first = judge.judge(prompts, list(zip(r.texts, sft.texts)))  # policy is "a"
-        second = judge.judge(prompts, list(zip(sft.texts, r.texts)))  # policy is "b"
-        as_policy = {"a": "win", "b": "loss", "tie": "tie", "abstain": "abstain"}
-        flipped = {"a": "loss", "b": "win", "tie": "tie", "abstain": "abstain"}
-        pairs = [(as_policy[v1.winner], flipped[v2.winner]) for v1, v2 in zip(first, second)]
-        r.outcomes = [combine_orders(o1, o2) for o1, o2 in pairs]  # type: ignore[arg-type]
-        r.flips = sum(1 for o1, o2 in pairs if {o1, o2} == {"win", "loss"})
+        # The policy's response is "a". De-biasing for position is the judge's job (the llm and openai judges
+        # ask both orders and abstain when they disagree), so each pair is asked once here.
+        verdicts = judge.judge(prompts, list(zip(r.texts, sft.texts)))
+        r.outcomes = [as_policy[v.winner] for v in verdicts]  # type: ignore[misc]
+        r.flips = sum(1 for v in verdicts if len(v.orders) == 2 and v.orders[0] != v.orders[1])
     return kind
 
 

@@ -10,7 +10,6 @@ resumed run writes the same samples an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from align.config import opt
-from align.data.records import Message, PromptRecord, read_prompts
+from align.data.records import PromptRecord, prompt_id, read_prompts
 from align.errors import ConfigError, DataError
 from align.generation import Sampler, SamplingSettings
 from align.generation.select import BackendSettings, build_sampler
@@ -37,17 +36,12 @@ class Config:
     overwrite: bool = opt(False, "replace an existing output_dir")
     resume: bool = opt(False, "keep output_dir and sample only the prompts not in samples.jsonl yet")
     seed: int = opt(0, "base sampling seed (replaces sampling.seed): a chunk is seeded with seed + the index of "
-                       "its first prompt")
-    k: int = opt(2, "completions per prompt")
-    max_prompts: int = opt(0, "use only the first N prompts (0: all)")
-    chunk: int = opt(0, "prompts per append to samples.jsonl (0: sampling.batch_size on hf, 256 on vllm)")
+                       "its first prompt", ge=0)
+    k: int = opt(2, "completions per prompt", ge=1)
+    max_prompts: int = opt(0, "use only the first N prompts (0: all)", ge=0)
+    chunk: int = opt(0, "prompts per append to samples.jsonl (0: sampling.batch_size on hf, 256 on vllm)", ge=0)
     sampling: SamplingSettings = opt(SamplingSettings(), "sampling parameters")
     engine: BackendSettings = opt(BackendSettings(), "backend and model loading")
-
-
-def prompt_id(prompt: list[Message]) -> str:
-    """Content hash of a prompt (16 hex digits): the key for resume and for matching across files."""
-    return hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def read_done(path: Path) -> dict[int, str]:

@@ -2,6 +2,8 @@
 
 Writes preferences.jsonl (every accepted pair), train.jsonl / valid.jsonl (split by prompt), rejects.jsonl
 (every rejected row with its reason and origin) and a manifest with counts, lengths and annotator agreement.
+With tasks= (the `align label` run the labels answer), labels map back to each task's exact prompt and responses
+and gold tasks report each annotator's accuracy (min_gold_accuracy= drops the annotators below it).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from align.data.importers import (
     length_stats,
     split_by_prompt,
 )
-from align.data.records import Message, write_jsonl
+from align.data.labeling import Task, task_from_json
+from align.data.records import Message, read_jsonl, write_jsonl
 from align.data.validate import json_safe
 from align.errors import ConfigError, DataError
-from align.runs import Run, start_run
+from align.runs import Run, resolve_input, start_run
 
 FormatName = Literal["auto", "pairs", "pairs_ab", "scores", "rankings", "labelstudio", "argilla", "hh", "shp"]
 
@@ -44,6 +47,10 @@ class Config:
     model: str = opt("default", "model whose tokenizer measures lengths ('default', a folder, or a run folder)")
     max_length: int = opt(1024, "reject pairs whose prompt + response exceeds this many tokens (0: no token check)")
     max_reject_fraction: float = opt(0.5, "fail when more than this fraction of rows is rejected")
+    tasks: str = opt("", "the `align label` run (or its tasks.jsonl) these labels answer: each label maps back to "
+                         "its task's exact prompt and responses, and gold tasks score the annotators")
+    min_gold_accuracy: float = opt(0.0, "drop every label of an annotator whose accuracy on gold tasks is below "
+                                        "this (needs tasks=; annotators without gold labels are kept)", ge=0, le=1)
     validation_fraction: float = opt(0.1, "fraction of prompts held out in valid.jsonl (0: no validation file)")
     seed: int = opt(42, "seed of the train/validation split")
     output_dir: str = opt("runs/import", "where the run goes")
@@ -81,9 +88,26 @@ def _check(cfg: Config) -> None:
     for path in cfg.inputs:
         if not Path(path).is_file():
             raise DataError(f"{path}: file not found; check the path (relative paths start at the repo root)")
+    if cfg.min_gold_accuracy > 0 and not cfg.tasks:
+        raise ConfigError("min_gold_accuracy needs tasks=<the align label run> to know the gold answers")
 
 
-def summary(result: ImportResult, n_train: int, n_valid: int) -> str:
+def read_tasks(path: Path) -> dict[str, Task]:
+    """tasks.jsonl of `align label`, by task id."""
+    return {t.task_id: t for t in (task_from_json(obj, f"{path}:{n}") for n, obj in read_jsonl(path))}
+
+
+def gold_line(result: ImportResult, min_accuracy: float) -> str:
+    """One line: each annotator's accuracy on gold tasks, and who was dropped."""
+    gold = result.gold
+    parts = [f"{who or '(unknown)'} {r['accuracy']:.3f} ({r['correct']}/{r['gold_labels']})" for who, r in gold.items()]
+    dropped = [who or "(unknown)" for who, r in gold.items() if r["dropped"]]
+    return (f"gold: {sum(r['gold_labels'] for r in gold.values())} labels by {len(gold)} annotators: "
+            + ", ".join(parts) + (f"; dropped below min_gold_accuracy={min_accuracy}: {', '.join(dropped)}"
+                                  if dropped else ""))
+
+
+def summary(result: ImportResult, n_train: int, n_valid: int, min_gold_accuracy: float = 0.0) -> str:
     """The few lines printed at the end of an import."""
     rejected = result.rejected_by_reason()
     reasons = ", ".join(f"{k} {n}" for k, n in rejected.most_common()) or "none"
@@ -103,6 +127,8 @@ def summary(result: ImportResult, n_train: int, n_valid: int) -> str:
                         else "")
                      + f"; ties dropped {agreement['ties_dropped']}, disagreements dropped "
                        f"{agreement['disagreements_dropped']}")
+    if result.gold:
+        lines.append(gold_line(result, min_gold_accuracy))
     return "\n".join(lines)
 
 
@@ -118,6 +144,10 @@ def _record_manifest(run_: Run, result: ImportResult, n_train: int, n_valid: int
         "pairs": len(result.records), "train": n_train, "valid": n_valid}
     run_.extra["lengths"] = length_stats(result.lengths)
     run_.extra["agreement"] = agreement
+    if result.gold:
+        run_.extra["gold"] = result.gold
+        run_.metrics["gold_labels"] = sum(r["gold_labels"] for r in result.gold.values())
+        run_.metrics["annotators_dropped"] = sum(r["dropped"] for r in result.gold.values())
     run_.metrics.update({"rows_read": len(result.rows), "rows_accepted": result.accepted,
                          "rows_rejected": sum(rejected.values()), "pairs": len(result.records),
                          "train_pairs": n_train, "valid_pairs": n_valid,
@@ -129,8 +159,12 @@ def _record_manifest(run_: Run, result: ImportResult, n_train: int, n_valid: int
 
 def run(cfg: Config) -> Path:
     _check(cfg)
+    tasks_path = resolve_input(cfg.tasks, what="labeling tasks", stages=("label",),
+                               outputs=("tasks",)) if cfg.tasks else None
     settings = ImportSettings(format=cfg.format, columns=dict(cfg.columns), pairs=cfg.pairs,
-                              min_margin=cfg.min_margin, aggregate=cfg.aggregate, max_length=cfg.max_length)
+                              min_margin=cfg.min_margin, aggregate=cfg.aggregate, max_length=cfg.max_length,
+                              tasks=read_tasks(tasks_path) if tasks_path else {},
+                              min_gold_accuracy=cfg.min_gold_accuracy)
     settings.check()
     measure = token_counter(cfg.model) if cfg.max_length > 0 else None
     result = import_files(cfg.inputs, settings, measure)
@@ -138,12 +172,14 @@ def run(cfg: Config) -> Path:
     run_ = start_run("import", cfg)
     for path in cfg.inputs:
         run_.add_input(path)
+    if tasks_path is not None:
+        run_.add_input(tasks_path)
     rows: list[dict[str, Any]] = [json_safe(r.to_json()) for r in result.records]
     write_jsonl(run_.dir / "rejects.jsonl", result.rejects())
     run_.add_output("rejects", run_.dir / "rejects.jsonl")
     train, valid = split_by_prompt(result.records, cfg.validation_fraction, cfg.seed)
     _record_manifest(run_, result, len(train), len(valid))
-    print(summary(result, len(train), len(valid)), flush=True)
+    print(summary(result, len(train), len(valid), cfg.min_gold_accuracy), flush=True)
 
     n_rejected = len(result.rows) - result.accepted
     where = run_.dir / "rejects.jsonl"

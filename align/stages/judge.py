@@ -4,6 +4,11 @@ Outputs in the run folder: preferences.jsonl (canonical records, meta.source = "
 rationale), verdicts.jsonl (every judged pair, ties and abstains included), failures.jsonl (unparseable answers,
 HTTP errors after retries, missing scores: counted, never turned into preferences) and judge_cache.jsonl
 (unless cache_dir is set), which lets a re-run with resume=true skip every judgement already made.
+
+Every input (samples, `human=` pairs, the judge spec) is resolved and read before anything is judged. When more
+than `max_failure_rate` of the judgements fail, the stage writes what it has (so resume=true continues from the
+cache) and then fails with the counts. With `human=`, the manifest gets a `judge_report` (align.judges.report):
+agreement, Cohen's kappa, position and length bias, abstain and failure rates against the human labels.
 """
 
 from __future__ import annotations
@@ -14,15 +19,16 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from align.config import opt
-from align.data.records import Message, check_messages, read_jsonl, read_preferences, write_jsonl
-from align.errors import ConfigError, DataError
-from align.judges import Verdict, failure, verdict_from_scores
+from align.data.records import Message, check_messages, prompt_id, read_jsonl, read_preferences, write_jsonl
+from align.errors import AlignError, ConfigError, DataError
+from align.judges import Verdict, failure, redact, verdict_from_scores
 from align.judges.cache import JudgeCache, cache_key
 from align.judges.registry import LoadedJudge, load_judge
-from align.runs import read_manifest, start_run
+from align.judges.report import Row, format_report, judge_report
+from align.runs import Run, resolve_input, start_run
 
 
 @dataclass(frozen=True)
@@ -33,16 +39,21 @@ class Config:
     output_dir: str = opt("runs/judge", "where preferences.jsonl and the manifest go")
     overwrite: bool = opt(False, "replace an existing output_dir")
     resume: bool = opt(False, "keep output_dir (and its judge cache): judgements already made are not redone")
-    seed: int = opt(0, "seed for the order in which human pairs are shown to the judge")
-    pairing: str = opt("best_worst", "score judges: best_worst (one pair per prompt) | all (every pair past "
-                                     "min_margin); pairwise judges always compare every pair")
-    min_margin: float = opt(0.0, "score judges: a pair is a preference only when the scores differ by this much")
+    seed: int = opt(0, "seed for the order in which human pairs are shown to the judge", ge=0)
+    pairing: Literal["best_worst", "all"] = opt(
+        "best_worst", "score judges: best_worst (one pair per prompt) | all (every pair past min_margin); "
+                      "pairwise judges always compare every pair")
+    min_margin: float = opt(0.0, "score judges: a pair is a preference only when the scores differ by this much",
+                            ge=0.0)
     human: str = opt("", "optional human preference JSONL (or `align import` run folder) for the same prompts: "
-                         "the judge labels those pairs too and the manifest reports its agreement with the humans")
-    human_max: int = opt(500, "judge at most this many human pairs")
+                         "the judge labels those pairs too and the manifest gets a judge_report (agreement, "
+                         "kappa, position and length bias)")
+    human_max: int = opt(500, "judge at most this many human pairs", ge=0)
     cache_dir: str = opt("", "folder for judge_cache.jsonl shared across runs ('': the run folder)")
-    batch_size: int = opt(32, "pairs (or responses) per judge call; the cache is saved after each")
-    max_prompts: int = opt(0, "judge only the first N prompts (0: all)")
+    batch_size: int = opt(32, "pairs (or responses) per judge call; the cache is saved after each", ge=1)
+    max_prompts: int = opt(0, "judge only the first N prompts (0: all)", ge=0)
+    max_failure_rate: float = opt(0.2, "fail the stage (after writing what it has; resume=true continues) when "
+                                       "more than this share of judgements failed", ge=0.0, le=1.0)
 
 
 @dataclass
@@ -51,20 +62,6 @@ class Item:
 
     prompt: list[Message]
     responses: tuple[str, ...]
-
-
-def resolve_file(path: str, output: str, what: str) -> Path:
-    """A JSONL file, or a run folder whose manifest names it as output `output`."""
-    p = Path(path)
-    if p.is_dir():
-        manifest = read_manifest(p) or {}
-        name = (manifest.get("outputs") or {}).get(output)
-        if not name:
-            raise DataError(f"{p}: no {output} output in its manifest; give the {what} file itself")
-        p = p / name
-    if not p.is_file():
-        raise DataError(f"{what} {p} not found; run the earlier stage first or give the file path")
-    return p
 
 
 def read_samples(path: Path) -> list[dict[str, Any]]:
@@ -93,7 +90,7 @@ def run_judge(loaded: LoadedJudge, cache: JudgeCache, items: list[Item], batch_s
               counts: dict[str, int]) -> list[Any]:
     """Judge every item not in the cache, in batches (cache saved after each); returns one result per item:
     a Verdict (pairwise) or a float | None (score)."""
-    keys = [cache_key(loaded.config, it.prompt, list(it.responses)) for it in items]
+    keys = [cache_key(loaded.identity, it.prompt, list(it.responses)) for it in items]
     fresh: dict[str, Any] = {}
     todo = list(dict.fromkeys(k for k in keys if k not in cache))
     first = {k: i for i, k in reversed(list(enumerate(keys)))}
@@ -124,6 +121,8 @@ def run_judge(loaded: LoadedJudge, cache: JudgeCache, items: list[Item], batch_s
             out.append(Verdict.from_json(cache.get(k)))
         else:
             out.append(cache.get(k)["score"])
+    counts["judgements"] = counts.get("judgements", 0) + len(out)
+    counts["failed"] = counts.get("failed", 0) + sum((r.failed if isinstance(r, Verdict) else r is None) for r in out)
     return out
 
 
@@ -167,6 +166,8 @@ def preference(row: dict[str, Any], a: str, b: str, v: Verdict, scores: list[flo
     meta: dict[str, Any] = {"source": "ai", "judge": loaded.id, "judge_kind": loaded.kind, "rationale": v.reason,
                             "prompt_id": row.get("id"), "origin": row["origin"],
                             "policy": (row.get("generation") or {}).get("model")}
+    if v.confidence is not None:
+        meta["confidence"] = v.confidence
     if scores is not None:
         s_chosen, s_rejected = scores if v.winner == "a" else scores[::-1]
         meta["scores"] = {"chosen": s_chosen, "rejected": s_rejected}
@@ -175,58 +176,117 @@ def preference(row: dict[str, Any], a: str, b: str, v: Verdict, scores: list[flo
             "rejected": [{"role": "assistant", "content": rejected}], "meta": meta}
 
 
-def human_agreement(loaded: LoadedJudge, cache: JudgeCache, cfg: Config, prompt_ids: set[str],
-                    counts: dict[str, int]) -> dict[str, float]:
-    """Judge the human-labelled pairs (shown in a seeded random order) and compare with the human choice."""
-    from align.stages.generate import prompt_id
+@dataclass
+class HumanPairs:
+    """Human-labelled pairs to show the judge: `rows` like samples rows (responses in a seeded random order) and
+    `truth`, the index (0 or 1) of the response the humans chose."""
 
-    records = read_preferences(resolve_file(cfg.human, "preferences", "human preference"))[: cfg.human_max]
+    path: Path
+    records: int
+    rows: list[dict[str, Any]]
+    truth: list[int]
+    prompt_ids: list[str]
+
+
+def read_human(cfg: Config) -> HumanPairs | None:
+    """Resolve and read `human=` (before anything is judged): a preference JSONL or an import run folder."""
+    if not cfg.human:
+        return None
+    path = resolve_input(cfg.human, what="human preferences", stages=("import", "preferences"),
+                         outputs=("preferences", "train"))
+    records = read_preferences(path)[: cfg.human_max]
     rng = random.Random(cfg.seed)
     rows, truth = [], []
     for i, rec in enumerate(records):
         chosen, rejected = rec.chosen[-1]["content"], rec.rejected[-1]["content"]
         flip = rng.random() < 0.5
         rows.append({"prompt": rec.prompt, "responses": [rejected, chosen] if flip else [chosen, rejected],
-                     "origin": f"{cfg.human}#{i}"})
-        truth.append("b" if flip else "a")
-    human_cfg = dataclasses.replace(cfg, pairing="best_worst")
-    decided = {id(row): (a, v) for row, a, _, v, _ in judge_rows(loaded, cache, rows, human_cfg, counts)
-               if not v.failed}
-    agree = decisive = 0
-    for row, want in zip(rows, truth):
-        if id(row) not in decided or decided[id(row)][1].winner not in ("a", "b"):
+                     "origin": f"{path}#{i}"})
+        truth.append(1 if flip else 0)
+    return HumanPairs(path, len(records), rows, truth, [prompt_id(r.prompt) for r in records])
+
+
+def report_rows(human: HumanPairs, results: list[tuple[dict[str, Any], str, str, Verdict, Any]]) -> list[Row]:
+    """One report Row per human pair the judge was asked about, in the pair's shown order (responses[0] is "a");
+    pairs it could not be asked about (identical or empty responses) are left out."""
+    by_row: dict[int, list[tuple[str, Verdict]]] = {}
+    for row, a, _, v, _ in results:
+        by_row.setdefault(id(row), []).append((a, v))
+    out = []
+    for row, truth in zip(human.rows, human.truth):
+        found = by_row.get(id(row))
+        if not found:
             continue
-        a, v = decided[id(row)]
-        picked = a if v.winner == "a" else next(r for r in row["responses"] if r != a)
-        decisive += 1
-        agree += picked == row["responses"][0 if want == "a" else 1]
-    return {"human_pairs": len(records), "human_decisive": decisive,
-            "human_agreement": agree / decisive if decisive else 0.0,
-            "human_coverage": decisive / len(records) if records else 0.0,
-            "human_prompts_in_samples": sum(prompt_id(r.prompt) in prompt_ids for r in records)}
+        first, second = row["responses"]
+        lengths = {"human": "ab"[truth], "len_a": len(first), "len_b": len(second)}
+        if any(v.failed for _, v in found):
+            out.append(Row(verdict="failed", **lengths))
+            continue
+        a, v = found[0]
+        swapped = a != first  # score judges list the better-scored response first
+        swap = {"a": "b", "b": "a"}
+        verdict = swap.get(v.winner, v.winner) if swapped else v.winner
+        picks = tuple(swap.get(p, p) for p in v.orders) if swapped else v.orders
+        out.append(Row(verdict=verdict, picks=picks, shown_first=("a", "b")[: len(picks)], **lengths))
+    return out
+
+
+def human_metrics(human: HumanPairs, report: dict[str, Any], sample_ids: set[str]) -> dict[str, float]:
+    """The manifest's flat human_* metrics (the full numbers are in judge_report)."""
+    return {"human_pairs": human.records, "human_decisive": report["decisive"],
+            "human_agreement": report["agreement"] or 0.0,
+            "human_coverage": report["decisive"] / human.records if human.records else 0.0,
+            "human_prompts_in_samples": sum(pid in sample_ids for pid in human.prompt_ids)}
+
+
+def clean(v: Verdict) -> Verdict:
+    """The verdict with any credential-looking text (Bearer tokens, user:password@ in URLs) redacted."""
+    return dataclasses.replace(v, reason=redact(v.reason), error=None if v.error is None else redact(v.error))
+
+
+def fail_on_failures(run_: Run, counts: dict[str, int], max_rate: float, judge_id: str) -> None:
+    """Mark the run failed and raise when more than `max_rate` of the judgements failed."""
+    total, failed = counts.get("judgements", 0), counts.get("failed", 0)
+    if not total or failed / total <= max_rate:
+        return
+    message = (f"judge {judge_id}: {failed} of {total} judgements failed ({failed / total:.0%} > "
+               f"max_failure_rate={max_rate:g}); see {run_.dir / 'failures.jsonl'}. Fix the judge or its "
+               f"endpoint and re-run with resume=true (finished judgements are cached)")
+    run_.fail(message)
+    raise AlignError(message)
 
 
 def run(cfg: Config) -> Path:
-    if cfg.pairing not in ("best_worst", "all"):
-        raise ConfigError(f"pairing={cfg.pairing!r}: use best_worst or all")
-    samples_path = resolve_file(cfg.samples, "samples", "samples")
+    samples_path = resolve_input(cfg.samples, what="samples", stages=("generate",), outputs=("samples",))
     rows = read_samples(samples_path)
     if cfg.max_prompts > 0:
         rows = rows[: cfg.max_prompts]
+    human = read_human(cfg)
     loaded = load_judge(cfg.judge, cfg.judge_options)
     print(f"judge {loaded.id} ({loaded.kind}, {loaded.mode}) on {len(rows)} prompts from {samples_path}", flush=True)
     run_ = start_run("judge", cfg, resume=cfg.resume)
     run_.add_input(samples_path)
+    if human is not None:
+        run_.add_input(human.path)
     cache = JudgeCache((Path(cfg.cache_dir) if cfg.cache_dir else run_.dir) / "judge_cache.jsonl")
     counts = {"cached": 0}
 
-    results = judge_rows(loaded, cache, rows, cfg, counts)
+    results = [(row, a, b, clean(v), s) for row, a, b, v, s in judge_rows(loaded, cache, rows, cfg, counts)]
     prefs = [preference(row, a, b, v, s, loaded) for row, a, b, v, s in results if v.winner in ("a", "b")]
     fails = [{"origin": row["origin"], "prompt_id": row.get("id"), "prompt": row["prompt"],
               "responses": [r for r in (a, b) if r], "error": v.error, "judge": loaded.id}
              for row, a, b, v, _ in results if v.failed]
     verdicts = [{"origin": row["origin"], "prompt_id": row.get("id"), "response_a": a, "response_b": b,
                  **v.to_json(), **({"scores": s} if s is not None else {})} for row, a, b, v, s in results]
+    report = None
+    if human is not None:  # pairs in a seeded random order; score judges always pair best with worst
+        human_cfg = dataclasses.replace(cfg, pairing="best_worst")
+        human_results = [(row, a, b, clean(v), s)
+                         for row, a, b, v, s in judge_rows(loaded, cache, human.rows, human_cfg, counts)]
+        report = judge_report(report_rows(human, human_results))
+        fails += [{"origin": row["origin"], "prompt": row["prompt"], "responses": [r for r in (a, b) if r],
+                   "error": v.error, "judge": loaded.id, "human_pair": True}
+                  for row, a, b, v, _ in human_results if v.failed]
     write_jsonl(run_.dir / "preferences.jsonl", prefs)
     write_jsonl(run_.dir / "verdicts.jsonl", verdicts)
     write_jsonl(run_.dir / "failures.jsonl", fails)
@@ -235,24 +295,30 @@ def run(cfg: Config) -> Path:
 
     judged = [v for _, _, _, v, _ in results if not v.failed]
     both = [v for v in judged if len(v.orders) == 2]
+    confident = [v.confidence for v in judged if v.confidence is not None]
     run_.metrics.update({
         "prompts": len(rows), "pairs_judged": len(judged), "preferences": len(prefs),
         "ties": sum(v.winner == "tie" for v in judged), "abstains": sum(v.winner == "abstain" for v in judged),
         "abstain_rate": sum(v.winner == "abstain" for v in judged) / len(judged) if judged else 0.0,
         "position_flips": sum(v.orders[0] != v.orders[1] for v in both),
         "position_flip_rate": sum(v.orders[0] != v.orders[1] for v in both) / len(both) if both else 0.0,
-        "failures": len(fails), "cached_judgements": counts["cached"],
-        "prompts_without_pair": counts.get("prompts_without_pair", 0)})
-    if cfg.human:
-        run_.metrics.update(human_agreement(loaded, cache, cfg, {str(r.get("id")) for r in rows}, counts))
+        "failures": sum(v.failed for _, _, _, v, _ in results), "cached_judgements": counts["cached"],
+        "judgements": counts.get("judgements", 0), "failed_judgements": counts.get("failed", 0),
+        "failure_rate": counts.get("failed", 0) / counts["judgements"] if counts.get("judgements") else 0.0,
+        "prompts_without_pair": counts.get("prompts_without_pair", 0),
+        **({"mean_confidence": sum(confident) / len(confident)} if confident else {})})
     run_.extra["judge"] = {"id": loaded.id, "name": loaded.name, "kind": loaded.kind, "mode": loaded.mode,
                            "config": loaded.config}
+    if human is not None and report is not None:
+        run_.metrics.update(human_metrics(human, report, {str(r.get("id")) for r in rows}))
+        run_.extra["judge_report"] = report
     m = run_.metrics
     print(f"{m['preferences']:.0f} preferences from {m['pairs_judged']:.0f} judged pairs "
           f"({m['ties']:.0f} ties, {m['abstains']:.0f} abstains, {m['failures']:.0f} failures, "
-          f"position flips {m['position_flip_rate']:.0%})"
-          + (f"; agreement with humans {m['human_agreement']:.0%} on {m['human_decisive']:.0f} pairs"
-             if cfg.human else "") + f" -> {run_.dir / 'preferences.jsonl'}", flush=True)
+          f"position flips {m['position_flip_rate']:.0%}) -> {run_.dir / 'preferences.jsonl'}", flush=True)
+    if report is not None:
+        print(format_report(report), flush=True)
+    fail_on_failures(run_, counts, cfg.max_failure_rate, loaded.id)
     if not prefs:
         print("warning: no preferences were produced (every pair tied, abstained or failed); see verdicts.jsonl",
               flush=True)

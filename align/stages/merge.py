@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from align.config import opt
 from align.errors import ModelError
@@ -16,7 +17,7 @@ class Config:
     adapter: str = opt("runs/sft", "adapter folder, or the run folder of a stage that saved one")
     output_dir: str = opt("runs/merged", "where the merged model goes (its model/ subfolder)")
     overwrite: bool = opt(False, "replace an existing output_dir")
-    dtype: str = opt("float32", "dtype to merge and save in: float32 | bfloat16 | float16")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype to merge and save in")
 
 
 def run(cfg: Config) -> Path:

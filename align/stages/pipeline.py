@@ -1,5 +1,6 @@
 """pipeline: SFT -> import (human labels) -> generate + judge (AI labels) -> preferences -> reward -> PPO + DPO
--> eval -> report, in one process, each step in its own folder under `output_dir`.
+-> eval -> report, in one process, each step in its own folder under `output_dir`. Stages come from the registry in align/stages/__init__.py;
+fingerprints from align/runs.py.
 
 Each step is `run(load_config(module.Config, recipe, overrides))` with the step's recipe (stages/<stage>.yaml,
 or `recipes`/<stage>.yaml), the pipeline's wiring (output_dir under the pipeline folder, upstream run folders as
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -25,12 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from align.config import load_config, opt, to_dict
-from align.data.records import read_preferences, write_jsonl
-from align.errors import ConfigError, DataError
-from align.runs import Run, now, read_manifest, sha256_path, start_run
+from align.errors import ConfigError
+from align.runs import Run, check_replaceable, fail_active_runs, fingerprint, now, read_manifest
 
 ORDER = ("sft", "import", "generate", "judge", "preferences", "reward", "ppo", "dpo", "eval", "report")
-NOT_FINGERPRINTED = {"overwrite", "resume", "output_dir"}  # how a step runs, not what it computes
 
 
 @dataclass(frozen=True)
@@ -44,7 +42,7 @@ class Step:
 @dataclass(frozen=True)
 class Config:
     output_dir: str = opt("runs/pipeline", "the pipeline folder: one subfolder per step and the pipeline manifest")
-    overwrite: bool = opt(False, "delete output_dir first and start from nothing")
+    overwrite: bool = opt(False, "start from nothing: delete output_dir first (only an align pipeline folder)")
     force: bool = opt(False, "re-run every step even when its inputs and config are unchanged")
     seed: int = opt(42, "seed given to every step that has one")
     model: str = opt("default", "the base model SFT starts from")
@@ -54,17 +52,6 @@ class Config:
     recipes: str = opt("stages", "folder of stage recipes (stages/tiny for the test pipeline)")
     until: str = opt("", "stop after this step ('' = run all)")
     steps: dict[str, Step] = opt({}, f"per-step settings, keyed by step: {', '.join(ORDER)}")
-
-
-@dataclass(frozen=True)
-class PreferencesConfig:
-    """The `preferences` step: concatenate human and AI preference files into one train/valid pair."""
-
-    inputs: list[str] = opt([], "preference JSONL files or import/judge run folders (train)")
-    validation: list[str] = opt([], "held-out preference files or import run folders")
-    output_dir: str = opt("runs/pipeline/preferences", "where train.jsonl and valid.jsonl go")
-    overwrite: bool = opt(False, "replace an existing output_dir")
-    seed: int = opt(0, "unused (every step has one)")
 
 
 @dataclass
@@ -78,55 +65,8 @@ class PlannedStep:
     recipe: Path | None
     overrides: list[str]
     dir: Path
+    config: Any = None  # the step's resolved config, built (and so checked) when the plan is made
     always: bool = False  # the report reads everything and is cheap: it is redone on every pipeline run
-
-
-# ---------------------------------------------------------------- the preferences step
-
-def preference_file(path: Path, names: tuple[str, ...]) -> Path:
-    """A preference JSONL, or a run folder's first output among `names`."""
-    if path.is_file():
-        return path
-    outputs = (read_manifest(path) or {}).get("outputs", {})
-    for name in names:
-        if name in outputs and (path / outputs[name]).is_file():
-            return path / outputs[name]
-    raise DataError(f"{path}: no preference file ({' or '.join(names)}) in this folder's manifest; give a "
-                    f"preference JSONL or an `align import` / `align judge` run folder")
-
-
-def merge_preferences(cfg: PreferencesConfig) -> Path:
-    """Write train.jsonl (every input, minus prompts that are held out) and valid.jsonl (the validation inputs)."""
-    run_ = start_run("preferences", cfg)
-    valid, train, dropped = [], [], 0
-    for src in cfg.validation:
-        path = preference_file(Path(src), ("valid", "validation"))
-        run_.add_input(path)
-        valid += read_preferences(path)
-    held = {json.dumps(r.prompt, sort_keys=True) for r in valid}
-    for src in cfg.inputs:
-        path = preference_file(Path(src), ("train", "preferences"))
-        run_.add_input(path)
-        records = read_preferences(path) if path.stat().st_size else []  # a judge may produce no pairs
-        kept = [r for r in records if json.dumps(r.prompt, sort_keys=True) not in held]
-        dropped += len(records) - len(kept)
-        run_.metrics[f"train_from_{Path(src).name}"] = len(kept)
-        train += kept
-    if not train:
-        raise DataError(f"no training preferences in {', '.join(cfg.inputs) or 'no inputs'}")
-    write_jsonl(run_.dir / "train.jsonl", [r.to_json() for r in train])
-    run_.add_output("train", run_.dir / "train.jsonl")
-    if valid:
-        write_jsonl(run_.dir / "valid.jsonl", [r.to_json() for r in valid])
-        run_.add_output("valid", run_.dir / "valid.jsonl")
-    sources: dict[str, int] = {}
-    for r in train:
-        sources[str(r.meta.get("source", "unknown"))] = sources.get(str(r.meta.get("source", "unknown")), 0) + 1
-    run_.metrics.update({"train_pairs": len(train), "valid_pairs": len(valid), "dropped_held_out_prompt": dropped,
-                         **{f"train_source_{k}": v for k, v in sources.items()}})
-    print(f"preferences: {len(train)} train pairs ({sources}), {len(valid)} validation pairs, {dropped} dropped "
-          f"(prompt held out)", flush=True)
-    return run_.finish()
 
 
 # ---------------------------------------------------------------- planning
@@ -191,11 +131,9 @@ def judge_of(cfg: Config) -> str:
 
 
 def stage_entry(stage: str) -> tuple[type, Callable[[Any], Path]]:
-    """(Config class, run function) of a stage module, or of the built-in preferences step."""
-    from align.cli import STAGES
+    """(Config class, run function) of a stage module from the registry."""
+    from align.stages import STAGES
 
-    if stage == "preferences":
-        return PreferencesConfig, merge_preferences
     if stage not in STAGES or importlib.util.find_spec(STAGES[stage]) is None:
         raise ConfigError(f"pipeline: stage {stage!r} is not installed (no module {STAGES.get(stage, stage)}); "
                           f"disable the step with steps.{stage}.enabled=false")
@@ -222,65 +160,18 @@ def plan(cfg: Config) -> list[PlannedStep]:
         base: dict[str, Any] = {"output_dir": str(root / name), **wired[name]}
         if "seed" in keys:
             base["seed"] = cfg.seed
-        out.append(PlannedStep(name=name, stage=name, config_cls=config_cls, run=run_fn,
-                               recipe=recipe_for(cfg, name, name) if name != "preferences" else None,
-                               overrides=flatten(base) + flatten(cfg.steps.get(name, Step()).overrides),
-                               dir=root / name, always=name == "report"))
+        step = PlannedStep(name=name, stage=name, config_cls=config_cls, run=run_fn,
+                           recipe=recipe_for(cfg, name, name) if name != "preferences" else None,
+                           overrides=flatten(base) + flatten(cfg.steps.get(name, Step()).overrides),
+                           dir=root / name, always=name == "report")
+        try:  # every step's config is built now: a typo in steps.dpo.overrides fails before SFT starts
+            step.config = step_config(step)
+        except ConfigError as e:
+            raise ConfigError(f"steps.{name}: {e}") from None
+        out.append(step)
         if name == cfg.until:
             break
     return out
-
-
-# ---------------------------------------------------------------- fingerprints
-
-def run_outputs_digest(run_dir: Path, cache: dict[Any, str]) -> str:
-    """sha256 over a completed run folder's outputs (name + content), memoised per manifest version."""
-    manifest_path = run_dir / "manifest.json"
-    key = (str(run_dir.resolve()), manifest_path.stat().st_mtime_ns)
-    if key not in cache:
-        outputs = (read_manifest(run_dir) or {}).get("outputs", {})
-        h = hashlib.sha256(json.dumps((read_manifest(run_dir) or {}).get("status")).encode())
-        for name, rel in sorted(outputs.items()):
-            path = run_dir / rel
-            h.update(f"{name}={sha256_path(path) if path.exists() else 'missing'};".encode())
-        cache[key] = h.hexdigest()
-    return cache[key]
-
-
-def path_digests(config: Any, cache: dict[Any, str]) -> dict[str, str]:
-    """Hashes of every existing path a config names (run folders by their outputs, files and folders by content)."""
-    found: dict[str, str] = {}
-
-    def visit(value: Any, key: str) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                if k not in NOT_FINGERPRINTED:
-                    visit(v, f"{key}.{k}" if key else k)
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                visit(v, f"{key}[{i}]")
-        elif isinstance(value, str) and value and len(value) < 4096:
-            path = Path(value)
-            if not path.exists():
-                return
-            if (path / "manifest.json").is_file():
-                found[key] = "run:" + run_outputs_digest(path, cache)
-            else:
-                stat = path.stat()
-                cache_key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-                if cache_key not in cache:
-                    cache[cache_key] = sha256_path(path)
-                found[key] = cache[cache_key]
-
-    visit(config, "")
-    return found
-
-
-def fingerprint(stage: str, config: dict[str, Any], cache: dict[Any, str]) -> str:
-    """sha256 of (stage, resolved config minus how-to-run keys, hashes of every path it reads)."""
-    what = {k: v for k, v in config.items() if k not in NOT_FINGERPRINTED}
-    payload = {"stage": stage, "config": what, "inputs": path_digests(what, cache)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- running
@@ -340,7 +231,7 @@ def execute(steps: list[PlannedStep], root: Path, config: dict[str, Any], force:
     t_all = time.perf_counter()
     for step in steps:
         record = dict(previous.get(step.name, {}))
-        fp = fingerprint(step.stage, to_dict(step_config(step)), cache)
+        fp = fingerprint(step.stage, to_dict(step.config if step.config is not None else step_config(step)), cache)
         action, extra = how_to_run(step, record, fp, force)
         record.update({"dir": step.dir.name, "recipe": str(step.recipe) if step.recipe else None, "fingerprint": fp})
         records[step.name] = record
@@ -356,6 +247,7 @@ def execute(steps: list[PlannedStep], root: Path, config: dict[str, Any], force:
         try:
             step.run(step_config(step, extra))
         except BaseException as e:
+            fail_active_runs(f"{type(e).__name__}: {e}")
             record.update({"status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                            "seconds": time.perf_counter() - t0, "error": f"{type(e).__name__}: {e}"[:500]})
             top.write_manifest("failed")
@@ -387,9 +279,10 @@ def run(cfg: Config) -> Path:
     from align.stages.eval import print_table, read_eval
 
     root = Path(cfg.output_dir)
-    if cfg.overwrite and root.exists():
-        shutil.rmtree(root)
     steps = plan(cfg)
+    if cfg.overwrite and root.is_dir() and any(root.iterdir()):
+        check_replaceable(root, "pipeline", to_dict(cfg))
+        shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     records = execute(steps, root, to_dict(cfg), force=cfg.force,

@@ -9,7 +9,6 @@ process per device, each with its own prompts, gradients averaged.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import random
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from align.config import opt
+from align.config import DTYPE_HELP, Dtype, opt
 from align.data.records import PromptRecord, read_prompts
 from align.errors import ConfigError
 from align.generation import SamplingSettings
@@ -26,46 +25,44 @@ from align.models.peft import PeftSettings
 from align.rewards import RewardSettings
 from align.rlhf.core import KLEstimator
 
-PPO_METHODS = ("lora", "qlora", "dora", "full")
-
 
 @dataclass(frozen=True)
 class DataSettings:
     prompts: str = opt("data/prompts/train.jsonl", "prompt-only JSONL to sample rollouts from")
     eval_prompts: str = opt("data/prompts/eval.jsonl", "held-out prompts for the before/after check")
-    eval_size: int = opt(16, "held-out prompts to evaluate at the end (0: skip)")
+    eval_size: int = opt(16, "held-out prompts to evaluate at the end (0: skip)", ge=0)
 
 
 @dataclass(frozen=True)
 class PPOSettings:
-    steps: int = opt(16, "PPO steps (rollout batch + optimisation) in total")
-    batch_size: int = opt(8, "prompts sampled per step and process (one response each)")
-    mini_batch_size: int = opt(8, "rows per forward/backward pass")
-    grad_accum: int = opt(1, "mini-batches per optimizer step")
-    epochs: int = opt(2, "PPO epochs over each rollout batch")
-    lr: float = opt(1e-4, "AdamW learning rate (constant)")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm")
-    clip_range: float = opt(0.2, "policy ratio clip ε")
-    value_clip_range: float = opt(0.2, "value clip ε (in reward units)")
-    vf_coef: float = opt(0.1, "weight of the value loss")
-    gamma: float = opt(1.0, "discount per token")
-    lam: float = opt(0.95, "GAE λ")
+    steps: int = opt(16, "PPO steps (rollout batch + optimisation) in total", ge=1)
+    batch_size: int = opt(8, "prompts sampled per step and process (one response each)", ge=1)
+    mini_batch_size: int = opt(8, "rows per forward/backward pass", ge=1)
+    grad_accum: int = opt(1, "mini-batches per optimizer step", ge=1)
+    epochs: int = opt(2, "PPO epochs over each rollout batch", ge=1)
+    lr: float = opt(1e-4, "AdamW learning rate (constant)", gt=0.0)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm", gt=0.0)
+    clip_range: float = opt(0.2, "policy ratio clip ε", gt=0.0)
+    value_clip_range: float = opt(0.2, "value clip ε (in reward units)", gt=0.0)
+    vf_coef: float = opt(0.1, "weight of the value loss", ge=0.0)
+    gamma: float = opt(1.0, "discount per token", ge=0.0, le=1.0)
+    lam: float = opt(0.95, "GAE λ", ge=0.0, le=1.0)
     whiten_advantages: bool = opt(True, "normalise advantages over the batch")
 
 
 @dataclass(frozen=True)
 class KLSettings:
-    coef: float = opt(0.05, "initial β of the per-token KL penalty −β·KL(policy || reference)")
-    target: float = opt(0.0, "target KL per sequence for the adaptive controller (0: β stays fixed)")
-    horizon: int = opt(10000, "adaptive controller horizon in samples (larger: slower β changes)")
+    coef: float = opt(0.05, "initial β of the per-token KL penalty −β·KL(policy || reference)", ge=0.0)
+    target: float = opt(0.0, "target KL per sequence for the adaptive controller (0: β stays fixed)", ge=0.0)
+    horizon: int = opt(10000, "adaptive controller horizon in samples (larger: slower β changes)", ge=1)
     estimator: KLEstimator = opt("k1", "per-token KL estimator in the reward: k1 (lp−ref) | k2 | k3")
 
 
 @dataclass(frozen=True)
 class ShapingSettings:
-    missing_eos_penalty: float = opt(1.0, "subtracted from the score of a response cut at max_new_tokens (0: off)")
+    missing_eos_penalty: float = opt(1.0, "subtracted from the score of a response cut at max_new_tokens (0: off)", ge=0.0)
     normalize: bool = opt(False, "standardise scores with the running mean/std of every score so far")
-    clip: float = opt(0.0, "clip (shaped) scores to [-clip, clip] (0: off)")
+    clip: float = opt(0.0, "clip (shaped) scores to [-clip, clip] (0: off)", ge=0.0)
 
 
 @dataclass(frozen=True)
@@ -77,9 +74,9 @@ class CriticSettings:
 
 @dataclass(frozen=True)
 class LogSettings:
-    sample_every: int = opt(5, "write sample responses (samples.jsonl, TensorBoard) every N steps")
-    save_every: int = opt(5, "write a resumable checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = opt(2, "checkpoints to keep")
+    sample_every: int = opt(5, "write sample responses (samples.jsonl, TensorBoard) every N steps", ge=1)
+    save_every: int = opt(5, "write a resumable checkpoint every N steps (and at the end)", ge=1)
+    keep_checkpoints: int = opt(2, "checkpoints to keep", ge=1)
     progress: bool = opt(True, "show a progress bar")
 
 
@@ -89,8 +86,8 @@ class Config:
     output_dir: str = opt("runs/ppo", "where the run goes")
     overwrite: bool = opt(False, "replace an existing output_dir")
     resume: bool = opt(False, "continue from the last checkpoint in output_dir")
-    seed: int = opt(42, "random seed")
-    dtype: str = opt("float32", "float32 | auto (bf16 where fast) | bfloat16 | float16")
+    seed: int = opt(42, "random seed", ge=0)
+    dtype: Dtype = opt("float32", DTYPE_HELP)
     trust_remote_code: bool = opt(False, "allow model code from the model folder")
     reward: RewardSettings = opt(RewardSettings(), "where the reward comes from")
     data: DataSettings = opt(DataSettings(), "prompts")
@@ -105,9 +102,11 @@ class Config:
 
 
 def check_config(cfg: Config) -> None:
+    """Cross-field rules, before anything loads."""
+    from align.models.policy import check_method
+
     p = cfg.ppo
-    if cfg.peft.method not in PPO_METHODS:
-        raise ConfigError(f"peft.method={cfg.peft.method} is not supported by PPO; use one of {', '.join(PPO_METHODS)}")
+    check_method("ppo", cfg.peft.method)
     if p.batch_size % (p.mini_batch_size * p.grad_accum):
         raise ConfigError(f"ppo.batch_size={p.batch_size} must be a multiple of ppo.mini_batch_size × ppo.grad_accum"
                           f" = {p.mini_batch_size * p.grad_accum}")
@@ -130,18 +129,11 @@ def step_prompts(prompts: list[PromptRecord], step: int, rank: int, world: int, 
 
 def load_actor(cfg: Config) -> tuple[Any, Any, Any, Path, str]:
     """(policy with a fresh adapter, reference copy or None, tokenizer, policy folder, what is trained)."""
-    from align.models.load import load_model, load_tokenizer, resolve_model
-    from align.models.peft import attach_peft
+    from align.models.policy import load_policy
 
-    source = resolve_model(cfg.policy)
-    tokenizer = load_tokenizer(source, cfg.trust_remote_code)
-    model = load_model(source, dtype=cfg.dtype, load_in_4bit=cfg.peft.method == "qlora", merge=True,
-                       trust_remote_code=cfg.trust_remote_code)
-    # LoRA-family: the reference is the same weights with the adapter disabled. Full fine-tuning changes the
-    # weights themselves, so only then do we keep a frozen copy.
-    reference = copy.deepcopy(model).requires_grad_(False).eval() if cfg.peft.method == "full" else None
-    model, what = attach_peft(model, cfg.peft, total_steps=cfg.ppo.steps)
-    return model, reference, tokenizer, source, what
+    p = load_policy(cfg.policy, stage="ppo", peft=cfg.peft, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                    total_steps=cfg.ppo.steps)
+    return p.model, p.reference, p.tokenizer, p.source, p.trained
 
 
 def load_critic(cfg: Config) -> Any:
@@ -157,17 +149,6 @@ def load_critic(cfg: Config) -> Any:
     return attach_peft(critic, lora, task_type="SEQ_CLS", extra_trainable=("score",))[0]
 
 
-def shape_scores(scores: Any, truncated: Any, s: ShapingSettings, moments: Any) -> Any:
-    """Scores [B] -> shaped scores [B]: missing-EOS penalty, running normalisation, clipping (in that order).
-
-    truncated: [B] 1.0 where the response hit max_new_tokens without EOS.
-    """
-    shaped = scores - s.missing_eos_penalty * truncated
-    if s.normalize:
-        shaped = (shaped - moments.mean) / moments.std
-    return shaped.clamp(-s.clip, s.clip) if s.clip > 0 else shaped
-
-
 def run(cfg: Config) -> Path:
     import torch
     from accelerate import Accelerator
@@ -175,8 +156,9 @@ def run(cfg: Config) -> Path:
     from tqdm.auto import tqdm
 
     from align.generation.hf import HFSampler
+    from align.models.load import resolve_model
     from align.models.peft import count_parameters
-    from align.rewards import load_reward
+    from align.rewards import check_reward, load_reward
     from align.rlhf import checkpoint as ckpt
     from align.rlhf.core import (
         KLController,
@@ -187,6 +169,8 @@ def run(cfg: Config) -> Path:
         logprobs_from_logits,
         masked_mean,
         policy_loss,
+        shape_scores,
+        token_rewards,
         value_loss,
         whiten,
     )
@@ -197,6 +181,10 @@ def run(cfg: Config) -> Path:
     # cpu=True without CUDA: under torchrun/accelerate launch that selects gloo DDP across CPU processes.
     acc = Accelerator(gradient_accumulation_steps=cfg.ppo.grad_accum, cpu=not torch.cuda.is_available())
     prompts = read_prompts(cfg.data.prompts)
+    resolve_model(cfg.policy)  # bad inputs fail here, before the run folder exists
+    check_reward(cfg.reward)
+    if cfg.data.eval_size > 0:
+        read_prompts(cfg.data.eval_prompts)
     run_ = start_run("ppo", cfg, resume=cfg.resume) if acc.is_main_process else None
     acc.wait_for_everyone()
     run_dir = Path(cfg.output_dir)
@@ -253,7 +241,8 @@ def run(cfg: Config) -> Path:
         all_scores = acc.gather(scores.to(acc.device)).cpu()
         # Every process updates the running moments with the same global batch, so they stay identical.
         moments.update(all_scores - cfg.shaping.missing_eos_penalty * acc.gather(truncated.to(acc.device)).cpu())
-        shaped = shape_scores(scores, truncated, cfg.shaping, moments)
+        shaped = shape_scores(scores, truncated, cfg.shaping.missing_eos_penalty, cfg.shaping.clip,
+                              (moments.mean, moments.std) if cfg.shaping.normalize else None)
 
         # 3. old log-probs, values and reference log-probs under the sampling policy
         rollout = collate(samples, tokenizer.pad_token_id).to(acc.device)
@@ -263,9 +252,7 @@ def run(cfg: Config) -> Path:
 
         # 4. per-token rewards: −β·KL everywhere, plus the (shaped) score on the last response token
         kl = kl_penalty(old["logprobs"], old["ref_logprobs"], cfg.kl.estimator) * mask
-        rewards = -kl_ctl.value * kl
-        last_token = mask.sum(-1).long() - 1
-        rewards[torch.arange(len(samples)), last_token] += shaped.to(acc.device)
+        rewards = token_rewards(shaped.to(acc.device), kl, mask, kl_ctl.value)
         advantages, returns = gae(rewards, old["values"], mask, cfg.ppo.gamma, cfg.ppo.lam)
         if cfg.ppo.whiten_advantages:
             advantages = whiten(advantages, mask)
@@ -335,20 +322,16 @@ def run(cfg: Config) -> Path:
 def finish(cfg: Config, run_: Any, actor: Any, reference: Any, tokenizer: Any, source: Path, reward_fn: Any,
            stats: dict[str, float]) -> None:
     """Save the policy (and critic), run the held-out before/after check, fill the manifest."""
-    import torch
+    from safetensors.torch import save_file
 
     from align.data.records import write_jsonl
+    from align.models.policy import save_policy
     from align.rlhf.evaluate import evaluate_policy
-    from align.rlhf.policy import point_adapter_at
 
-    out = run_.dir / "model"
-    actor.policy.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    if cfg.peft.method != "full":
-        point_adapter_at(out, source)
+    out = save_policy(actor.policy, tokenizer, run_.dir / "model", method=cfg.peft.method, base=source)
     run_.add_output("model", out)
-    torch.save(trainable_state_of_critic(actor), run_.dir / "critic.pt")
-    run_.add_output("critic", run_.dir / "critic.pt")
+    save_file(trainable_state_of_critic(actor), str(run_.dir / "critic.safetensors"))
+    run_.add_output("critic", run_.dir / "critic.safetensors")
     run_.add_input(cfg.data.prompts)
     run_.add_input(source)
     run_.metrics.update({f"final/{k}": v for k, v in stats.items()})
@@ -366,7 +349,7 @@ def finish(cfg: Config, run_: Any, actor: Any, reference: Any, tokenizer: Any, s
 
 def trainable_state_of_critic(actor: Any) -> dict[str, Any]:
     module = actor.value_head if actor.critic is None else actor.critic
-    return {n: p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
+    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
 
 
 def log_step(run_dir: Path, tb: Any, step: int, stats: dict[str, float]) -> None:

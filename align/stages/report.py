@@ -33,10 +33,10 @@ class Config:
     output_dir: str = opt("", "where report.html and plots/ go ('' = <run_dir>/report; <run_dir>-report for a "
                               "single stage run)")
     overwrite: bool = opt(True, "replace an existing report folder (a report is cheap to redo)")
-    seed: int = opt(0, "unused (every stage has one)")
+    seed: int = opt(0, "unused (every stage has one)", ge=0)
     title: str = opt("align pipeline report", "page title")
     embed_images: bool = opt(True, "embed the PNG plots in the HTML (self-contained) instead of linking plots/")
-    max_samples: int = opt(8, "side-by-side samples shown")
+    max_samples: int = opt(8, "side-by-side samples shown", ge=0)
 
 
 @dataclass

@@ -7,30 +7,28 @@ compute the held-out metrics with `RewardModel` on the saved folder, so the numb
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from align.config import opt
+from align.config import DTYPE_HELP, Dtype, opt
 from align.data.importers import split_by_prompt
 from align.data.records import PreferenceRecord, read_preferences
-from align.errors import ConfigError, DataError
+from align.errors import DataError
 from align.models.load import is_adapter, load_model, load_tokenizer, pick_dtype, resolve_model
-from align.models.peft import MERGEABLE_METHODS, PeftSettings, adalora_callback, attach_peft, count_parameters
+from align.models.peft import PeftSettings, adalora_callback, count_parameters
+from align.models.policy import METHODS, check_method, load_policy, point_adapter_at
 from align.reward_model import RewardModel, calibration_table, check_tokenizer_fits, encode, heldout_metrics
-from align.runs import Run, atomic_write_json, read_manifest, start_run
+from align.runs import Run, atomic_write_json, resolve_input, start_run
 from align.training import (
     TrainSettings,
     callbacks,
     history_metrics,
     last_checkpoint,
     precision_flags,
+    total_steps,
     trainer_kwargs,
 )
-
-FULL_METHODS = {"full", "freeze", "bitfit"}
 
 
 @dataclass(frozen=True)
@@ -38,9 +36,9 @@ class DataSettings:
     train: str = opt("runs/import/train.jsonl", "preference JSONL (prompt, chosen, rejected), or an import run folder")
     validation: str = opt("runs/import/valid.jsonl", "held-out preference JSONL or import run folder "
                                                      "('' = split from train by prompt)")
-    validation_fraction: float = opt(0.15, "when validation is '': fraction of prompts held out (deterministic)")
-    max_length: int = opt(512, "max tokens of prompt + response; longer pairs are dropped (or an error)")
-    on_too_long: str = opt("drop", "drop | error: what to do with pairs longer than max_length")
+    validation_fraction: float = opt(0.15, "when validation is '': fraction of prompts held out (deterministic)", gt=0.0, lt=1.0)
+    max_length: int = opt(512, "max tokens of prompt + response; longer pairs are dropped (or an error)", ge=8)
+    on_too_long: Literal["drop", "error"] = opt("drop", "drop | error: what to do with pairs longer than max_length")
 
 
 @dataclass(frozen=True)
@@ -49,30 +47,20 @@ class Config:
     output_dir: str = opt("runs/reward", "where the run goes")
     overwrite: bool = opt(False, "replace an existing output_dir")
     resume: bool = opt(False, "continue from the last checkpoint in output_dir")
-    seed: int = opt(42, "random seed")
-    dtype: str = opt("auto", "auto (bf16 where fast) | float32 | bfloat16 | float16")
+    seed: int = opt(42, "random seed", ge=0)
+    dtype: Dtype = opt("auto", DTYPE_HELP)
     trust_remote_code: bool = opt(False, "allow model code from the model folder (off: only built-in architectures)")
-    center_rewards_coefficient: float = opt(0.0, "push rewards towards mean zero (TRL; 0 = off, 0.01 typical)")
+    center_rewards_coefficient: float = opt(0.0, "push rewards towards mean zero (TRL; 0 = off, 0.01 typical)", ge=0.0)
     use_margin: bool = opt(False, "subtract meta.margin from r_chosen - r_rejected in the loss (0 where absent)")
-    calibration_bins: int = opt(5, "bins of the held-out calibration table over confidence [0.5, 1]")
+    calibration_bins: int = opt(5, "bins of the held-out calibration table over confidence [0.5, 1]", ge=1, le=100)
     data: DataSettings = opt(DataSettings(), "preference data")
     peft: PeftSettings = opt(PeftSettings(), "parameter-efficient method (the score head is always trained)")
     train: TrainSettings = opt(TrainSettings(lr=1e-4, eval_steps=25, save_steps=50), "optimisation")
 
 
 def resolve_data(path: str, names: tuple[str, ...]) -> Path:
-    """A preference file, or an import run folder: the first of `names` in its manifest outputs or on disk."""
-    p = Path(path)
-    if not p.is_dir():
-        return p
-    outputs = (read_manifest(p) or {}).get("outputs", {})
-    for name in names:
-        if name in outputs and (p / outputs[name]).is_file():
-            return p / outputs[name]
-        if (p / f"{name}.jsonl").is_file():
-            return p / f"{name}.jsonl"
-    raise DataError(f"{p}: no {' or '.join(n + '.jsonl' for n in names)} in this folder or its manifest; "
-                    f"give a preference JSONL file (run `align import` first)")
+    """A preference file, or a completed import / preferences / judge run folder's first output among `names`."""
+    return resolve_input(path, what="preference data", stages=("import", "preferences", "judge"), outputs=names)
 
 
 def tokenize_pairs(records: list[PreferenceRecord], tokenizer: Any, d: DataSettings, source: str,
@@ -111,45 +99,32 @@ def load_pairs(cfg: Config) -> tuple[Path, Path | None, list[PreferenceRecord], 
     return train_path, None, train, val
 
 
-def check_config(cfg: Config) -> None:
-    if cfg.data.on_too_long not in ("drop", "error"):
-        raise ConfigError(f"data.on_too_long={cfg.data.on_too_long!r}: use drop or error")
-    if cfg.peft.method not in MERGEABLE_METHODS | FULL_METHODS:
-        raise ConfigError(f"peft.method={cfg.peft.method} cannot be merged into a plain reward model; use lora, "
-                          f"qlora, dora, adalora, ia3, full, freeze or bitfit")
-
-
 def run(cfg: Config) -> Path:
     import torch
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    check_config(cfg)
+    check_method("reward", cfg.peft.method)
     train_path, val_path, train_records, val_records = load_pairs(cfg)
     base = resolve_model(cfg.model)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     if not tokenizer.chat_template:
         raise DataError(f"model {base} has no chat template; a reward model scores prompt + response "
                         f"conversations, so use a chat model (or its SFT run) as the base")
+    check_tokenizer_fits(tokenizer, base, str(base))
     train_rows, dropped = tokenize_pairs(train_records, tokenizer, cfg.data, str(train_path), cfg.use_margin)
     val_rows, val_dropped = tokenize_pairs(val_records, tokenizer, cfg.data, str(val_path or "held-out split"),
                                            cfg.use_margin)
 
     torch.manual_seed(cfg.seed)  # the score head is initialised at random
     dtype = pick_dtype(cfg.dtype)
-    model = load_model(base, dtype=cfg.dtype, load_in_4bit=cfg.peft.method == "qlora", kind="classifier",
-                       merge=True, trust_remote_code=cfg.trust_remote_code)
-    check_tokenizer_fits(tokenizer, model, str(base))
-    model.config.pad_token_id = tokenizer.pad_token_id
-
     run_ = start_run("reward", cfg, resume=cfg.resume)  # only now: bad input above leaves no half-made run folder
     for p in (train_path, val_path, base):
         if p is not None:
             run_.add_input(p)
-    steps_per_epoch = math.ceil(len(train_rows) / (cfg.train.batch_size * cfg.train.grad_accum))
-    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(steps_per_epoch * cfg.train.epochs)
-    model, trained_what = attach_peft(model, cfg.peft, total_steps=total_steps, task_type="SEQ_CLS",
-                                      extra_trainable=("score",))
+    policy = load_policy(base, stage="reward", peft=cfg.peft, dtype=cfg.dtype, kind="classifier",
+                         trust_remote_code=cfg.trust_remote_code, total_steps=total_steps(len(train_rows), cfg.train))
+    model, trained_what = policy.model, policy.trained
     trainable, total = count_parameters(model)
     print(f"reward: {len(train_rows)} train / {len(val_rows)} held-out pairs ({dropped + val_dropped} too long); "
           f"peft.method={cfg.peft.method}: training {trained_what} — {trainable:,} of {total:,} parameters", flush=True)
@@ -195,7 +170,7 @@ def save_model(model: Any, tokenizer: Any, base: Path, cfg: Config, run_: Run) -
     from peft import PeftModel
 
     out = run_.dir / "model"
-    if cfg.peft.method in FULL_METHODS:
+    if not METHODS[cfg.peft.method].adapter:
         model.config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(out, safe_serialization=True)
     else:
@@ -213,10 +188,7 @@ def save_model(model: Any, tokenizer: Any, base: Path, cfg: Config, run_: Run) -
             tokenizer.save_pretrained(run_.dir / "base")
             adapter_base = (run_.dir / "base").resolve()
             run_.add_output("base", run_.dir / "base")
-        config_path = adapter_dir / "adapter_config.json"
-        config = json.loads(config_path.read_text())
-        config["base_model_name_or_path"] = str(adapter_base)
-        config_path.write_text(json.dumps(config, indent=2))
+        point_adapter_at(adapter_dir, adapter_base)
         merged = PeftModel.from_pretrained(fresh, adapter_dir).merge_and_unload()
         merged.config.pad_token_id = tokenizer.pad_token_id
         merged.save_pretrained(out, safe_serialization=True)

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.config import opt
+from align.config import DTYPE_HELP, Dtype, opt
 from align.models.peft import PeftSettings
 from align.rewards import RewardSettings
-from align.stages.grpo import DataSettings, OnlineSettings, run_online
+from align.stages.grpo import DataSettings, OnlineSettings
 from align.training import TrainSettings
 
 
@@ -22,8 +22,8 @@ class Config:
     output_dir: str = opt("runs/rloo", "where the run goes")
     overwrite: bool = opt(False, "replace an existing output_dir")
     resume: bool = opt(False, "continue from the last checkpoint in output_dir")
-    seed: int = opt(42, "random seed")
-    dtype: str = opt("auto", "auto (bf16 where fast) | float32 | bfloat16 | float16")
+    seed: int = opt(42, "random seed", ge=0)
+    dtype: Dtype = opt("auto", DTYPE_HELP)
     trust_remote_code: bool = opt(False, "allow model code from the model folder")
     data: DataSettings = opt(DataSettings(), "prompts")
     reward: RewardSettings = opt(RewardSettings(), "reward model or module:function")
@@ -36,4 +36,6 @@ class Config:
 def run(cfg: Config) -> Path:
     from trl import RLOOConfig, RLOOTrainer
 
-    return run_online("rloo", cfg, RLOOTrainer, RLOOConfig, {"normalize_advantages": cfg.normalize_advantages})
+    from align.training import run_trl_online
+
+    return run_trl_online("rloo", cfg, RLOOTrainer, RLOOConfig, {"normalize_advantages": cfg.normalize_advantages})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from align.config import opt
 from align.data.records import Message, as_response, check_messages, read_jsonl, write_jsonl
@@ -19,9 +19,9 @@ class Config:
                                              "{messages}: the last assistant turn is scored)")
     output_dir: str = opt("runs/score", "where scores.jsonl goes")
     overwrite: bool = opt(False, "replace an existing output_dir")
-    seed: int = opt(42, "random seed (scoring is deterministic; kept for uniformity)")
-    batch_size: int = opt(8, "pairs per forward pass")
-    dtype: str = opt("saved", "saved (the model folder's dtype) | auto | float32 | bfloat16 | float16")
+    seed: int = opt(42, "random seed (scoring is deterministic; kept for uniformity)", ge=0)
+    batch_size: int = opt(8, "pairs per forward pass", ge=1)
+    dtype: Literal["saved", "auto", "float32", "bfloat16", "float16"] = opt("saved", "saved (the model folder's dtype) | auto | float32 | bfloat16 | float16")
     trust_remote_code: bool = opt(False, "allow model code from the model folder")
 
 

@@ -6,24 +6,22 @@ Loss is on assistant tokens only by default: we tokenize each conversation with 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from align.config import opt
+from align.config import DTYPE_HELP, Dtype, opt
 from align.data.records import Message, SFTExample, read_sft
 from align.errors import DataError
-from align.models.load import load_model, load_tokenizer, pick_dtype, resolve_model
+from align.models.load import chat_ids, load_tokenizer, pick_dtype, resolve_model
 from align.models.peft import (
-    ADAPTER_METHODS,
     PeftSettings,
     adalora_callback,
-    attach_peft,
     changed_tensors,
     count_parameters,
     param_checksums,
 )
+from align.models.policy import METHODS, check_method, load_policy, save_policy
 from align.runs import start_run
 from align.training import (
     TrainSettings,
@@ -31,6 +29,7 @@ from align.training import (
     history_metrics,
     last_checkpoint,
     precision_flags,
+    total_steps,
     trainer_kwargs,
 )
 
@@ -39,10 +38,10 @@ from align.training import (
 class DataSettings:
     train: str = opt("data/sft/train.jsonl", "training JSONL: {messages} or {prompt, completion} per line")
     validation: str = opt("data/sft/valid.jsonl", "validation JSONL ('' to split from train)")
-    validation_fraction: float = opt(0.1, "when validation is '': fraction of train held out (deterministic)")
-    max_length: int = opt(512, "max tokens per example; longer examples are an error (or dropped, see on_too_long)")
-    on_too_long: str = opt("error", "error | drop: what to do with examples longer than max_length")
-    loss_on: str = opt("assistant", "assistant (loss on assistant tokens only) | all (every token)")
+    validation_fraction: float = opt(0.1, "when validation is '': fraction of train held out (deterministic)", gt=0.0, lt=1.0)
+    max_length: int = opt(512, "max tokens per example; longer examples are an error (or dropped, see on_too_long)", ge=8)
+    on_too_long: Literal["error", "drop"] = opt("error", "error | drop: what to do with examples longer than max_length")
+    loss_on: Literal["assistant", "all"] = opt("assistant", "assistant (loss on assistant tokens only) | all (every token)")
 
 
 @dataclass(frozen=True)
@@ -51,10 +50,10 @@ class Config:
     output_dir: str = opt("runs/sft", "where the run goes")
     overwrite: bool = opt(False, "replace an existing output_dir")
     resume: bool = opt(False, "continue from the last checkpoint in output_dir")
-    seed: int = opt(42, "random seed")
-    dtype: str = opt("auto", "auto (bf16 where fast) | float32 | bfloat16 | float16")
+    seed: int = opt(42, "random seed", ge=0)
+    dtype: Dtype = opt("auto", DTYPE_HELP)
     trust_remote_code: bool = opt(False, "allow model code from the model folder (off: only built-in architectures)")
-    neftune_noise_alpha: float = opt(0.0, "NEFTune embedding noise (0: off; 5 is typical)")
+    neftune_noise_alpha: float = opt(0.0, "NEFTune embedding noise (0: off; 5 is typical)", ge=0.0)
     data: DataSettings = opt(DataSettings(), "training data")
     peft: PeftSettings = opt(PeftSettings(), "parameter-efficient method")
     train: TrainSettings = opt(TrainSettings(), "optimisation")
@@ -66,28 +65,19 @@ def tokenize_conversation(tokenizer: Any, messages: list[Message], loss_on: str)
     Each assistant turn's tokens are found as the difference between the templated conversation up to that turn
     and the templated prefix with the generation prompt, which needs a prefix-consistent template (ChatML is).
     """
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    ids = chat_ids(tokenizer, messages)
     if loss_on == "all":
         return ids, list(ids)
     labels = [-100] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = _template_ids(tokenizer, messages[:i], add_generation_prompt=True)
-        start, end = len(prefix), len(_template_ids(tokenizer, messages[: i + 1], add_generation_prompt=False))
+        prefix = chat_ids(tokenizer, messages[:i], add_generation_prompt=True) if i else []
+        start, end = len(prefix), len(chat_ids(tokenizer, messages[: i + 1]))
         if ids[:start] != prefix:
             raise DataError("the chat template is not prefix-consistent; use data.loss_on=all")
         labels[start:end] = ids[start:end]
     return ids, labels
-
-
-def _template_ids(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> list[int]:
-    if not messages:
-        return []
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
-                                        return_dict=False)
-    return list(out["input_ids"] if isinstance(out, dict) else out)
 
 
 def build_dataset(examples: list[SFTExample], tokenizer: Any, d: DataSettings) -> tuple[Any, int, int]:
@@ -124,34 +114,32 @@ def run(cfg: Config) -> Path:
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    if cfg.data.on_too_long not in ("error", "drop") or cfg.data.loss_on not in ("assistant", "all"):
-        raise DataError("data.on_too_long must be error|drop and data.loss_on must be assistant|all")
     train_examples = read_sft(cfg.data.train)
     if cfg.data.validation:
         val_examples = read_sft(cfg.data.validation)
     else:
         train_examples, val_examples = split_examples(train_examples, cfg.data.validation_fraction, cfg.seed)
 
-    run_ = start_run("sft", cfg, resume=cfg.resume)
-    torch.manual_seed(cfg.seed)
-    base = resolve_model(cfg.model)
-    run_.add_input(cfg.data.train)
-    if cfg.data.validation:
-        run_.add_input(cfg.data.validation)
-    run_.add_input(base)
-
+    check_method("sft", cfg.peft.method)
+    base = resolve_model(cfg.model)  # everything is checked before the run folder exists
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     if not tokenizer.chat_template:
         raise DataError(f"model {base} has no chat template; SFT on conversations needs one")
     train_ds, n_tokens, n_dropped = build_dataset(train_examples, tokenizer, cfg.data)
     val_ds, _, _ = build_dataset(val_examples, tokenizer, cfg.data)
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        raise DataError(f"{cfg.data.train}: no training or validation examples left (every one longer than "
+                        f"data.max_length={cfg.data.max_length}?)")
 
+    run_ = start_run("sft", cfg, resume=cfg.resume)
+    torch.manual_seed(cfg.seed)
+    for path in (cfg.data.train, cfg.data.validation, base):
+        if path:
+            run_.add_input(path)
     dtype = pick_dtype(cfg.dtype)
-    model = load_model(base, dtype=cfg.dtype, load_in_4bit=cfg.peft.method == "qlora",
-                       trust_remote_code=cfg.trust_remote_code)
-    steps_per_epoch = math.ceil(len(train_ds) / (cfg.train.batch_size * cfg.train.grad_accum))
-    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(steps_per_epoch * cfg.train.epochs)
-    model, trained_what = attach_peft(model, cfg.peft, total_steps=total_steps)
+    policy = load_policy(base, stage="sft", peft=cfg.peft, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                         total_steps=total_steps(len(train_ds), cfg.train))
+    model, trained_what = policy.model, policy.trained
     trainable, total = count_parameters(model)
     print(f"peft.method={cfg.peft.method}: training {trained_what} — {trainable:,} of {total:,} parameters "
           f"({100 * trainable / total:.3f}%)", flush=True)
@@ -169,11 +157,7 @@ def run(cfg: Config) -> Path:
     run_.metrics.update(changed_tensors(checksums, param_checksums(trainer.model)))
     run_.extra["probe"] = probe_logits(trainer.model, val_ds[0]["input_ids"])
 
-    out = run_.dir / "model"
-    trainer.model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    if cfg.peft.method in ADAPTER_METHODS:
-        _point_adapter_at_base(out, base)
+    out = save_policy(trainer.model, tokenizer, run_.dir / "model", method=cfg.peft.method, base=base)
     run_.add_output("model", out)
     run_.metrics.update(history_metrics(trainer.state.log_history))
     run_.metrics.update({"eval_loss_before": before, "eval_loss_after": after, "trainable_params": trainable,
@@ -181,8 +165,7 @@ def run(cfg: Config) -> Path:
                          "train_examples": len(train_ds), "validation_examples": len(val_ds),
                          "train_tokens": n_tokens, "dropped_too_long": n_dropped,
                          "train_tokens_per_second": tokens_per_second(trainer, n_tokens / len(train_ds))})
-    run_.extra["peft"] = {"method": cfg.peft.method, "trained": trained_what, "adapter": cfg.peft.method in
-                          ADAPTER_METHODS}
+    run_.extra["peft"] = {"method": cfg.peft.method, "trained": trained_what, "adapter": METHODS[cfg.peft.method].adapter}
     print(f"validation loss {before:.4f} -> {after:.4f}; model saved to {out}", flush=True)
     return run_.finish()
 
@@ -204,13 +187,3 @@ def tokens_per_second(trainer: Any, mean_tokens: float) -> float:
     a = trainer.args
     seen = trainer.state.global_step * a.per_device_train_batch_size * a.gradient_accumulation_steps
     return seen * mean_tokens / runtime if runtime else 0.0
-
-
-def _point_adapter_at_base(adapter_dir: Path, base: Path) -> None:
-    """Record the absolute base path in adapter_config.json so the adapter reloads from anywhere."""
-    import json
-
-    path = adapter_dir / "adapter_config.json"
-    data = json.loads(path.read_text())
-    data["base_model_name_or_path"] = str(Path(base).resolve())
-    path.write_text(json.dumps(data, indent=2))

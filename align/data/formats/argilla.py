@@ -10,6 +10,8 @@ response*/answer*/reply*/completion*/generation*/output*. Each user's answer is 
 a ranking question (value: names best first, or [{value, rank}]), a label question naming the better
 response (or tie), or one rating question per response (rating-1 <-> response-1). `columns.preference`
 picks the question. Only `submitted` responses count; drafts and discarded ones are counted and skipped.
+A null response field is left out, with any ranking of it: a dataset with k response fields (the first two
+required) holds records with fewer responses, and Argilla's export fills their missing fields with null.
 """
 
 from __future__ import annotations
@@ -96,10 +98,12 @@ def _match(name: Any, keys: list[str]) -> int | None:
     return None
 
 
-def _ranking_ranks(value: list, keys: list[str]) -> dict[int, float]:
+def _ranking_ranks(value: list, keys: list[str], absent: set[str] = frozenset()) -> dict[int, float]:
     ranks: dict[int, float] = {}
     for pos, item in enumerate(value):
         name, rank = (item.get("value"), item.get("rank")) if isinstance(item, dict) else (item, pos + 1)
+        if isinstance(name, str) and _norm(name) in absent:
+            continue  # the record has no such response (a null field)
         idx = _match(name, keys) if isinstance(name, (str, int)) and not isinstance(name, bool) else None
         if idx is None:
             raise Rejected("unknown_label", f"ranking names {str(name)[:40]!r}, which is not a response field")
@@ -121,7 +125,8 @@ def _label_ranks(value: Any, keys: list[str]) -> dict[int, float]:
     return {i: 1.0 if i == idx else 2.0 for i in range(len(keys))}
 
 
-def _user_ranks(answers: dict, keys: list[str], question: str | None) -> tuple[dict[int, float], bool]:
+def _user_ranks(answers: dict, keys: list[str], question: str | None,
+                absent: set[str] = frozenset()) -> tuple[dict[int, float], bool]:
     """(response index -> rank where lower is better, came_from_ratings)."""
     if question is not None:
         if question not in answers:
@@ -129,7 +134,7 @@ def _user_ranks(answers: dict, keys: list[str], question: str | None) -> tuple[d
         answers = {question: answers[question]}
     for value in answers.values():
         if isinstance(value, list) and not (len(value) == 1 and isinstance(value[0], str)):
-            return _ranking_ranks(value, keys), False
+            return _ranking_ranks(value, keys, absent), False
     for value in answers.values():
         if isinstance(value, (str, list)):
             try:
@@ -151,10 +156,13 @@ def parse_argilla(row: Any, ctx: Context) -> Parsed:
     row = require_object(row)
     fields, users = _nested(row) if isinstance(row.get("fields"), dict) else _flattened(row)
     prompt = prompt_messages(lookup(fields, PROMPT_KEYS), "fields.prompt")
+    absent: set[str] = set()
     if "response_a" in fields and "response_b" in fields:
         keys = ["response_a", "response_b"]
     else:
         keys = [k for k in fields if isinstance(k, str) and _norm(k).startswith(RESPONSE_PREFIXES)]
+        absent = {_norm(k) for k in keys if fields[k] is None}
+        keys = [k for k in keys if fields[k] is not None]
     if len(keys) < 2:
         raise Rejected("single_response", "fewer than two response fields (response*/answer*/reply*...); "
                                           "set columns.response_a/response_b")
@@ -171,7 +179,7 @@ def parse_argilla(row: Any, ctx: Context) -> Parsed:
             continue
         try:
             annotator = annotator_id(user, "user_id")
-            ranks, from_ratings = _user_ranks(answers, keys, ctx.question)
+            ranks, from_ratings = _user_ranks(answers, keys, ctx.question, absent)
             idx = sorted(ranks)
             values = [-ranks[i] for i in idx]  # higher is better (the rating itself for rating questions)
             ranked_votes(ctx, prompt, [responses[i] for i in idx], values, annotator, out, use_margin=from_ratings)

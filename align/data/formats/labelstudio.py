@@ -1,5 +1,13 @@
-"""Label Studio JSON export: a list of tasks {id, data: {...}, annotations: [{completed_by, was_cancelled,
-result: [...]}]}. One task is one row; each annotation is one annotator's label.
+"""Label Studio exports of the pairwise, ranker and choices templates.
+
+- JSON: a list of tasks {id, data: {...}, annotations: [{completed_by, was_cancelled, result: [...]}]}. One task
+  is one row; each annotation is one annotator's label.
+- JSON_MIN, CSV and TSV (what Label Studio's converter makes of the JSON export): one row per annotation, the
+  task's data keys at the top level, each control's answer under the control's name (pairwise:
+  [{"selected": "left"}], ranker: [{"ranker": {...}}], choices: the choice text), plus annotator (int id or
+  email), annotation_id, created_at, updated_at and lead_time. CSV/TSV cells hold lists as JSON text and sort the
+  columns. Cancelled annotations are left out of these exports; a task without annotations is one row with an
+  empty annotation_id.
 
 Understood result types (the first present, in this order, unless `columns.preference` names the control):
 - pairwise: value.selected 'left' | 'right' over data's two responses (the <Pairwise toName="answer1,answer2">
@@ -26,10 +34,64 @@ PAIR_KEYS = (("response_a", "response_b"), ("answer1", "answer2"), ("answer_a", 
              ("output_a", "output_b"), ("left", "right"))
 ITEM_TEXT_KEYS = ("body", "text", "content", "html", "title")
 RESULT_TYPES = ("pairwise", "ranker", "choices")
+# columns the converter adds to every JSON_MIN / CSV / TSV row (the task's own data keys are the rest)
+FLAT_KEYS = ("id", "annotator", "annotation_id", "created_at", "updated_at", "lead_time", "agreement", "history")
+# data keys `align label` adds to each task, never a control's answer
+TASK_KEYS = ("task_id", "prompt_id")
+CHOICE_NAMES = ("choice", "choices", "better", "preference", "winner", "label", "comparison")
 
 
 def detect_labelstudio(row: dict) -> bool:
-    return isinstance(row.get("data"), dict) and ("annotations" in row or "completions" in row)
+    nested = isinstance(row.get("data"), dict) and ("annotations" in row or "completions" in row)
+    return nested or {"annotator", "annotation_id", "lead_time"} <= set(row)
+
+
+def _flat_value(value: Any) -> dict | None:
+    """One control's answer in a flat row -> a JSON-export result (or None when it is not an answer)."""
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        first = value[0]
+        for kind, key in (("pairwise", "selected"), ("ranker", "ranker"), ("choices", "choices")):
+            if key in first:
+                return {"type": kind, "value": first}
+    return None
+
+
+def _flat_result(row: dict, control: str | None) -> dict | None:
+    """The answer of a JSON_MIN / CSV / TSV row as a JSON-export result; None for an empty annotation."""
+    if control:
+        value = row.get(control)
+        if value in (None, "", []):
+            return None
+        result = _flat_value(value) or {"type": "choices", "value": {"choices": [value]}}
+        return {**result, "from_name": control}
+    for name, value in row.items():
+        result = _flat_value(value)
+        if result is not None:
+            return {**result, "from_name": name}
+    # a single choice is exported as its bare text, like the data keys: rule those out by name
+    taken = set(FLAT_KEYS + TASK_KEYS + PROMPT_KEYS + ITEM_TEXT_KEYS) | {k for pair in PAIR_KEYS for k in pair}
+    texts = {k: v for k, v in row.items() if isinstance(k, str) and k not in taken and not k.startswith("_data_")
+             and not k.endswith("_transcript") and isinstance(v, str) and v.strip()}
+    named = [k for k in texts if k.lower() in CHOICE_NAMES]
+    if len(named) == 1 or len(texts) == 1:
+        name = named[0] if named else next(iter(texts))
+        return {"type": "choices", "from_name": name, "value": {"choices": [texts[name]]}}
+    if texts:
+        raise Rejected("missing_field", f"cannot tell which column holds the answer ({', '.join(sorted(texts))}); "
+                                        f"set columns.preference=<the control's name>")
+    return None
+
+
+def _flat_task(row: dict, control: str | None) -> dict:
+    """A JSON_MIN / CSV / TSV row (one annotation) in the JSON export's task shape."""
+    data = {k.removeprefix("_data_"): v for k, v in row.items() if k not in FLAT_KEYS}
+    if row.get("annotation_id") in (None, ""):
+        return {"data": data, "annotations": []}
+    result = _flat_result(row, control)
+    if result is not None:
+        data.pop(result["from_name"], None)
+    ann = {"id": row["annotation_id"], "completed_by": row.get("annotator"), "result": [result] if result else []}
+    return {"data": data, "annotations": [ann]}
 
 
 def _pair_keys(data: dict, result: dict) -> tuple[str, str]:
@@ -112,6 +174,8 @@ def _annotation(ctx: Context, prompt: list[Message], data: dict, ann: dict, cont
 
 def parse_labelstudio(row: Any, ctx: Context) -> Parsed:
     row = require_object(row)
+    if "data" not in row and "annotation_id" in row:
+        row = _flat_task(row, ctx.question)
     data = row.get("data")
     if not isinstance(data, dict):
         raise Rejected("wrong_type", "task.data must be an object")

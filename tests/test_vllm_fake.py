@@ -1,0 +1,255 @@
+"""Every vLLM code path, on CPU, against tests/fake_vllm: a stand-in for the vllm package that mirrors the API
+align uses (vLLM 0.10-0.33; see tests/fake_vllm/vllm/__init__.py for the sources) and checks its arguments the
+way vLLM does. The real engine runs in test_generate.py's `gpu` tests."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from align.errors import ConfigError, DataError, ModelError
+from align.generation import SamplingSettings
+from align.generation.select import BackendSettings, build_sampler, vllm_sampler
+
+FAKE = Path(__file__).resolve().parent / "fake_vllm"
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [[{"role": "user", "content": "Hi"}],
+           [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Salt or sugar for tomatoes?"}]]
+ENGINE = BackendSettings(backend="vllm", dtype="float32")
+
+
+@pytest.fixture
+def vllm(monkeypatch: pytest.MonkeyPatch):
+    """The fake `vllm` importable for one test (it is never on sys.path otherwise)."""
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("a real vllm is installed: use make test-gpu")
+    monkeypatch.syspath_prepend(str(FAKE))
+    yield importlib.import_module("vllm")
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        del sys.modules[name]
+
+
+def save_adapter(tiny_model: Path, out: Path, *, r: int = 8, seed: int = 0) -> Path:
+    """A LoRA adapter on the tiny model, saved the way the stages save one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from align.models.load import load_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_model(tiny_model, dtype="float32"),
+                           LoraConfig(r=r, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tiny_model)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+# ---- the fake refuses what vLLM refuses ----
+
+def test_fake_checks_arguments_like_vllm(vllm, tiny_model: Path) -> None:
+    from vllm.lora.request import LoRARequest
+
+    with pytest.raises(TypeError, match="Unexpected keyword argument 'max_new_tokens'"):
+        vllm.SamplingParams(max_new_tokens=8)
+    with pytest.raises(TypeError, match="best_of"):  # 0.10-only: not valid across the range
+        vllm.SamplingParams(best_of=2)
+    with pytest.raises(ValueError, match="n must be 1 when using greedy sampling"):
+        vllm.SamplingParams(n=2, temperature=0.0)
+    with pytest.raises(ValueError, match=r"temperature must be in \[0, 2\]"):
+        vllm.SamplingParams(temperature=2.5)
+    with pytest.raises(TypeError, match="max_tokens must be int"):
+        vllm.SamplingParams(max_tokens=8.0)
+    assert vllm.SamplingParams(temperature=0.001).temperature == 0.01  # raised to _MAX_TEMP, as vLLM does
+    with pytest.raises(ValueError, match="id must be > 0"):
+        LoRARequest("a", 0, "/x")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_num_tokens'"):
+        vllm.LLM(model=str(tiny_model), max_num_tokens=8)
+    with pytest.raises(ValueError, match="greater than the derived max_model_len"):
+        vllm.LLM(model=str(tiny_model), max_model_len=4096)  # the tiny model's context is 512
+    with pytest.raises(ValueError, match="divisible by tensor parallel size"):
+        vllm.LLM(model=str(tiny_model), tensor_parallel_size=3)  # 4 attention heads
+    llm = vllm.LLM(model=str(tiny_model))
+    with pytest.raises(ValueError, match="LoRA is not enabled"):
+        llm.generate([{"prompt_token_ids": [1, 2]}], vllm.SamplingParams(), lora_request=LoRARequest("a", 1, "/x"))
+    with pytest.raises(ValueError, match="lengths of prompts and sampling_params"):
+        llm.generate([{"prompt_token_ids": [1]}] * 2, [vllm.SamplingParams()] * 3)
+
+
+# ---- VLLMSampler ----
+
+def test_sampler_generates_and_maps_engine_settings(vllm, tiny_model: Path) -> None:
+    from align.generation.hf import chat_prompt_ids
+
+    settings = BackendSettings(backend="vllm", dtype="bf16", tensor_parallel_size=2, gpu_memory_utilization=0.5)
+    sampler = build_sampler(tiny_model, settings, verbose=False)
+    assert sampler.name == "vllm" and sampler.lora_request is None
+    args = sampler.llm.engine_args
+    assert (args["model"], args["tokenizer"]) == (str(tiny_model), str(tiny_model))
+    assert args["tensor_parallel_size"] == 2 and args["dtype"] == "bfloat16"
+    assert args["gpu_memory_utilization"] == 0.5 and args["enable_lora"] is False
+    assert args["max_model_len"] == 512  # 2048 asked, capped to the model's max_position_embeddings
+
+    out = sampler.generate(PROMPTS, SamplingSettings(temperature=0.8, top_p=0.9, max_new_tokens=6, seed=3), n=3)
+    assert [len(s) for s in out] == [3, 3]
+    eos = sampler.tokenizer.eos_token_id
+    for prompt, samples in zip(PROMPTS, out):
+        for s in samples:
+            assert s.prompt_ids == chat_prompt_ids(sampler.tokenizer, prompt)
+            assert 1 <= len(s.response_ids) <= 6 and s.logprobs is None
+            assert s.finished == (s.response_ids[-1] == eos)
+            assert s.text == sampler.tokenizer.decode(s.response_ids, skip_special_tokens=True).strip()
+    (ids, sp, lora), _ = sampler.llm.requests
+    assert (sp.n, sp.temperature, sp.top_p, sp.max_tokens, sp.seed) == (3, 0.8, 0.9, 6, 3)
+    assert sp.skip_special_tokens is True and sp.logprobs is None and lora is None
+    assert len({tuple(s.response_ids) for s in out[0]}) > 1  # sampled: the 3 differ
+
+
+def test_greedy_with_n_asks_vllm_once_and_copies(vllm, tiny_model: Path) -> None:
+    sampler = build_sampler(tiny_model, ENGINE, verbose=False)
+    out = sampler.generate(PROMPTS, SamplingSettings(temperature=0.0, max_new_tokens=8), n=2)
+    assert [s.response_ids for s in out[0]][0] == [s.response_ids for s in out[0]][1]
+    assert out[0][0] is not out[0][1]
+    assert [(sp.n, sp.temperature, sp.top_p) for _, sp, _ in sampler.llm.requests] == [(1, 0.0, 1.0)] * 2
+
+
+def test_sampler_refuses_what_vllm_would(vllm, tiny_model: Path) -> None:
+    sampler = build_sampler(tiny_model, ENGINE, verbose=False)
+    with pytest.raises(ConfigError, match=r"temperature in \[0, 2\]"):
+        sampler.generate(PROMPTS, SamplingSettings(temperature=3.0), n=1)
+    long_prompt = [[{"role": "user", "content": "salt " * 600}]]
+    with pytest.raises(DataError, match="max_model_len=512"):
+        sampler.generate(long_prompt, SamplingSettings(), n=1)
+    with pytest.raises(ConfigError, match="dtype"):
+        build_sampler(tiny_model, BackendSettings(backend="vllm", dtype="int8"), verbose=False)
+
+
+def test_sampler_returns_the_sampled_tokens_logprobs(vllm, tiny_model: Path) -> None:
+    from align.models.load import load_tokenizer
+
+    sampler = vllm_sampler(tiny_model, load_tokenizer(tiny_model), ENGINE, logprobs=True)
+    assert sampler.llm.engine_args["logprobs_mode"] == "processed_logprobs"  # after temperature, as PPO scores
+    out = sampler.generate(PROMPTS[:1], SamplingSettings(temperature=1.0, max_new_tokens=5), n=2)
+    (_, sp, _), = sampler.llm.requests
+    assert sp.logprobs == 0
+    for s in out[0]:
+        assert len(s.logprobs) == len(s.response_ids)
+        assert all(-1.75 <= lp <= -0.25 for lp in s.logprobs)  # the fake's sampled-token values, not top-k's
+
+
+def test_lora_adapter_is_sent_as_a_lora_request(vllm, tiny_model: Path, tmp_path: Path) -> None:
+    adapter = save_adapter(tiny_model, tmp_path / "adapter", r=12)
+    sampler = build_sampler(adapter, ENGINE, verbose=False)
+    args = sampler.llm.engine_args
+    assert args["model"] == str(tiny_model)
+    assert (args["enable_lora"], args["max_lora_rank"], args["max_loras"]) == (True, 16, 1)  # r=12 -> 16
+    lora = sampler.lora_request
+    assert (lora.lora_name, lora.lora_int_id, lora.lora_path) == ("adapter-1", 1, str(adapter.resolve()))
+    plain = build_sampler(tiny_model, ENGINE, verbose=False)
+    params = SamplingSettings(temperature=0.0, max_new_tokens=12)
+    with_adapter = sampler.generate(PROMPTS, params)
+    assert all(lr is lora for _, _, lr in sampler.llm.requests)
+    assert [s[0].response_ids for s in with_adapter] != [s[0].response_ids for s in plain.generate(PROMPTS, params)]
+
+
+def test_set_adapter_registers_each_update_as_a_new_request(vllm, tiny_model: Path, tmp_path: Path) -> None:
+    """PPO/online rollouts: save the updated adapter (even into the same folder), then set_adapter."""
+    from align.models.load import load_tokenizer
+
+    sampler = vllm_sampler(tiny_model, load_tokenizer(tiny_model), ENGINE, lora_rank=8)
+    assert sampler.lora_request is None and sampler.llm.engine_args["max_lora_rank"] == 8
+    folder = tmp_path / "policy"
+    params = SamplingSettings(temperature=1.0, max_new_tokens=6)
+    sent = []
+    for step in range(3):
+        save_adapter(tiny_model, folder, seed=step)  # overwritten in place each step
+        sent.append(sampler.set_adapter(folder))
+        sampler.generate(PROMPTS[:1], params)
+    assert [(r.lora_name, r.lora_int_id) for r in sent] == [("adapter-1", 1), ("adapter-2", 2), ("adapter-3", 3)]
+    assert [lr.lora_int_id for _, _, lr in sampler.llm.requests] == [1, 2, 3]
+    assert len(set(sent)) == 3  # LoRARequest equality is by name: the names must differ too
+
+    # What set_adapter prevents: re-sending a known id with another adapter (vLLM would serve the cached one).
+    from vllm.lora.request import LoRARequest
+
+    other = save_adapter(tiny_model, tmp_path / "other")
+    sampler.lora_request = LoRARequest("adapter-3", 3, str(other))
+    with pytest.raises(AssertionError, match="would keep serving"):
+        sampler.generate(PROMPTS[:1], params)
+
+    with pytest.raises(ModelError, match="max_lora_rank 8"):
+        sampler.set_adapter(save_adapter(tiny_model, tmp_path / "big", r=16))
+    no_lora = build_sampler(tiny_model, ENGINE, verbose=False)
+    with pytest.raises(ModelError, match="lora_rank="):
+        no_lora.set_adapter(folder)
+
+
+def test_load_weights_reloads_the_engine_in_place(vllm, tiny_model: Path, tokenizer_dir: Path,
+                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full fine-tuning: the updated policy, saved with save_pretrained, replaces the engine's weights."""
+    from conftest import make_tiny_model
+
+    sampler = build_sampler(tiny_model, ENGINE, verbose=False)
+    params = SamplingSettings(temperature=0.0, max_new_tokens=12)
+    before = sampler.generate(PROMPTS, params)
+    updated = make_tiny_model(tmp_path / "step1", tokenizer_dir, seed=1)
+    sampler.load_weights(updated)
+    assert sampler.llm.rpc_calls == [("reload_weights", (), {"weights_path": str(updated.resolve())})]
+    after = sampler.generate(PROMPTS, params)  # the fake asserts the prefix cache was reset first
+    assert [s[0].response_ids for s in after] != [s[0].response_ids for s in before]
+
+    with pytest.raises(ModelError, match="no \\*.safetensors"):
+        sampler.load_weights(tmp_path)
+    monkeypatch.setattr(vllm, "__version__", "0.15.1")
+    with pytest.raises(ModelError, match="vllm>=0.16"):
+        sampler.load_weights(updated)
+
+
+def test_auto_backend_picks_vllm_when_importable_with_cuda(vllm, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from align.generation.select import choose_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_backend("auto") == "hf"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_backend("auto") == "vllm"
+
+
+# ---- stages on the vllm backend ----
+
+def test_align_generate_on_the_vllm_backend(vllm, tiny_model: Path, tmp_path: Path) -> None:
+    from conftest import write_jsonl
+
+    from align.cli import main
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in ("Basil?", "Eggs?", "Leeks?")])
+    out = tmp_path / "gen"
+    code = main(["generate", str(ROOT / "stages/tiny/generate.yaml"), f"model={tiny_model}", f"prompts={prompts}",
+                 f"output_dir={out}", "engine.backend=vllm", "engine.tensor_parallel_size=2", "chunk=0"])
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    assert all(r["generation"]["backend"] == "vllm" and len(r["responses"]) == 2 for r in rows)
+    assert all(1 <= n <= 8 for r in rows for n in r["response_tokens"])
+
+
+def test_llm_judge_on_the_vllm_backend(vllm, tiny_model: Path) -> None:
+    from align.judges import Verdict
+    from align.judges.llm import Config, LLMJudge
+
+    judge = LLMJudge(Config(model=str(tiny_model), max_new_tokens=4, engine=ENGINE))
+    assert judge.sampler.name == "vllm"
+    prompts = [[{"role": "user", "content": "Soup?"}], [{"role": "user", "content": "Bread?"}]]
+    verdicts = judge.judge(prompts, [("Add salt.", "Add sugar."), ("Knead it.", "Bake it.")])
+    assert len(verdicts) == 2 and all(isinstance(v, Verdict) for v in verdicts)
+    requests = judge.sampler.llm.requests
+    assert len(requests) == 4  # both orders of both pairs
+    assert all((sp.n, sp.temperature, sp.max_tokens) == (1, 0.0, 4) for _, sp, _ in requests)
+    decoded = [judge.sampler.tokenizer.decode(ids) for ids, _, _ in requests]
+    assert "Add salt." in decoded[0] and "Add sugar." in decoded[0]
