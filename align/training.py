@@ -10,7 +10,6 @@ from typing import Any, Literal
 import torch
 
 from align.config import opt
-from align.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -129,15 +128,11 @@ def run_trl_online(stage: str, cfg: Any, trainer_cls: Any, config_cls: Any, algo
 
     from align.models.load import pick_dtype, resolve_model
     from align.models.peft import count_parameters
-    from align.models.policy import check_method, load_policy, save_policy
+    from align.models.policy import load_policy, save_policy
     from align.rewards import load_reward, trl_reward_func
     from align.runs import start_run
 
     o = cfg.online
-    check_method(stage, cfg.peft.method)
-    if cfg.train.batch_size * cfg.train.grad_accum % o.num_generations:
-        raise ConfigError(f"train.batch_size × train.grad_accum must be a multiple of online.num_generations="
-                          f"{o.num_generations}")
     dataset = prompt_dataset(cfg.data.prompts)
     source = resolve_model(cfg.policy)
     reward_fn, reward_from = load_reward(cfg.reward)

@@ -169,3 +169,24 @@ def test_vllm_serves_a_lora_adapter_as_a_lora_request(tiny_model: Path, tmp_path
     assert sampler.lora_request is not None
     out = sampler.generate(PROMPTS[:2], SamplingSettings(temperature=0.0, max_new_tokens=6), n=1)
     assert [len(s) for s in out] == [1, 1]
+
+
+@pytest.mark.gpu
+def test_vllm_adapter_swap_weight_reload_and_logprobs(tiny_model: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
+    """The rollout hooks PPO uses, on the real engine (their contract is tested on CPU in test_vllm_fake.py)."""
+    pytest.importorskip("vllm")
+    from conftest import make_tiny_model
+    from test_vllm_fake import save_adapter
+
+    from align.generation.select import vllm_sampler
+    from align.models.load import load_tokenizer
+
+    engine = BackendSettings(backend="vllm", dtype="float32", gpu_memory_utilization=0.3)
+    sampler = vllm_sampler(tiny_model, load_tokenizer(tiny_model), engine, lora_rank=8, logprobs=True)
+    params = SamplingSettings(temperature=1.0, max_new_tokens=6)
+    for step in range(2):
+        sampler.set_adapter(save_adapter(tiny_model, tmp_path / "policy", seed=step))
+        out = sampler.generate(PROMPTS[:2], params, n=2)
+        assert all(len(s.logprobs) == len(s.response_ids) and max(s.logprobs) <= 0 for g in out for s in g)
+    sampler.load_weights(make_tiny_model(tmp_path / "full", tokenizer_dir, seed=1))
+    assert [len(g) for g in sampler.generate(PROMPTS[:2], params, n=2)] == [2, 2]

@@ -115,20 +115,18 @@ def test_logprob_verdicts_on_a_tiny_model(tiny_model: Path) -> None:
     from align.judges.llm import Config, LLMJudge
 
     hf = BackendSettings(backend="hf", dtype="float32")
-    judge = LLMJudge(Config(model=str(tiny_model), verdict="logprob", batch_size=3, engine=hf))
+    judge = LLMJudge(Config(model=str(tiny_model), verdict="logprob", engine=hf))
     pairs = [("Nine minutes.", "Ten minutes, then ice."), ("Salt the water.", "No."), ("Yes", "Yes, always"),
              ("Boil, then simmer.", "Steam it for twelve minutes with the lid on.")]
     verdicts = judge.judge([Q] * 4, pairs)
     assert all(not v.failed and len(v.orders) == 2 and v.confidence is not None for v in verdicts)
     assert all(0.5 <= v.confidence <= 1.0 and v.winner in ("a", "b", "tie") for v in verdicts)
-    # Both orders are averaged, so swapping a and b mirrors the verdict exactly.
+    # Both orders are averaged, so swapping a and b mirrors the verdict (same 8 prompts in one batch).
     swapped = judge.judge([Q] * 4, [(b, a) for a, b in pairs])
     for v, w in zip(verdicts, swapped):
-        assert w.confidence == pytest.approx(v.confidence, abs=1e-5)
-        assert w.winner == {"a": "b", "b": "a", "tie": "tie"}[v.winner]
-    # Batching (left padding) does not change the probabilities.
-    single = LLMJudge(Config(verdict="logprob", batch_size=1), sampler=judge.sampler).judge([Q] * 4, pairs)
-    assert [v.confidence for v in single] == pytest.approx([v.confidence for v in verdicts], abs=1e-5)
+        assert w.confidence == pytest.approx(v.confidence, abs=1e-6)
+        if v.confidence > 0.5 + 1e-5:
+            assert w.winner == {"a": "b", "b": "a"}[v.winner]
     # Below min_confidence a verdict abstains (with its confidence); above it, it stands.
     threshold = sorted(v.confidence for v in verdicts)[2]
     strict = LLMJudge(Config(verdict="logprob", min_confidence=threshold), sampler=judge.sampler).judge([Q] * 4, pairs)
@@ -136,6 +134,24 @@ def test_logprob_verdicts_on_a_tiny_model(tiny_model: Path) -> None:
         assert s.confidence == pytest.approx(v.confidence)
         assert s.winner == ("abstain" if v.confidence < threshold else v.winner)
     assert sum(s.winner == "abstain" for s in strict) == 2
+
+
+def test_batched_letter_logprobs_equal_one_at_a_time(tiny_model: Path) -> None:
+    """Left padding with explicit position ids: a prompt's next-token log-probabilities do not depend on what it
+    is batched with."""
+    from align.generation.hf import chat_prompt_ids
+    from align.judges.llm import hf_letter_logprobs, letter_ids
+    from align.models.load import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, dtype="float32")
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": "x " * n}]) for n in (1, 7, 20)]
+    letters = [letter_ids(tok, "A"), letter_ids(tok, "B")]
+    assert len(letters[0]) == 2  # "A" and " A" are both single tokens here
+    batched = hf_letter_logprobs(model, tok.pad_token_id, prompts, letters, batch_size=3)
+    alone = [hf_letter_logprobs(model, tok.pad_token_id, [p], letters, batch_size=1)[0] for p in prompts]
+    for got, want in zip(batched, alone):
+        assert got == pytest.approx(want, abs=1e-4)
 
 
 def test_logprob_mode_needs_a_model() -> None:

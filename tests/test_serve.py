@@ -163,7 +163,8 @@ def test_openai_judge_retries_counts_failures_and_resumes(tmp_path: Path, monkey
     samples = write_jsonl(tmp_path / "samples.jsonl", [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"q{i}"}],
                                                         "responses": list(pair)} for i, pair in enumerate(answers)])
     cfg = load_config(JudgeConfig, ROOT / "stages/tiny/judge.yaml",
-                      [f"samples={samples}", f"output_dir={tmp_path / 'run'}", f"judge={spec}"])
+                      [f"samples={samples}", f"output_dir={tmp_path / 'run'}", f"judge={spec}",
+                       "max_failure_rate=0.5"])  # 2 of 6 pairs fail on purpose here
     out = run(cfg)
     m = read_manifest(out)["metrics"]
     # Nothing lost: every pair is a preference, a tie/abstain, or a counted failure.
@@ -269,12 +270,12 @@ def raw(url: str, data: bytes, *, then_close_write: bool = False, wait_s: float 
     return received, time.monotonic() - t0
 
 
-def post_head(length: int | str, extra: str = "") -> bytes:
+def post_head(length: int | str, extra: str = "Connection: close\r\n") -> bytes:
     return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {length}\r\nConnection: close\r\n{extra}\r\n").encode()
+            f"Content-Length: {length}\r\n{extra}\r\n").encode()
 
 
-def post(body: bytes, extra: str = "") -> bytes:
+def post(body: bytes, extra: str = "Connection: close\r\n") -> bytes:
     return post_head(len(body), extra) + body
 
 
@@ -321,7 +322,7 @@ def test_short_idle_and_trickling_clients_are_answered_or_dropped_within_the_tim
     (post(b'{"messages": "\xff\xfe"}'), 400, "not UTF-8 (byte 14)"),
     (post(b"[1,"), 400, "not valid JSON"),
     (post(b"[" * 4000), 400, "not valid JSON"),  # nested too deep for the parser's recursion
-    (post(b"x", "Transfer-Encoding: chunked\r\n"), 400, "chunked"),
+    (post(b"x", "Transfer-Encoding: chunked\r\nConnection: close\r\n"), 400, "chunked"),
     (b"NONSENSE\r\n\r\n", 400, "Bad request"),
 ])
 def test_malformed_bodies_get_json_client_errors(request_bytes: bytes, status: int, message: str) -> None:
@@ -332,6 +333,13 @@ def test_malformed_bodies_get_json_client_errors(request_bytes: bytes, status: i
         assert took < 2.5  # closed at once (the client sent Connection: close), not after the 5 s idle timeout
         assert body["error"]["type"] == "invalid_request_error" and body["error"]["code"] == status
         assert service.sampler.calls == []
+
+
+def test_a_client_error_after_a_complete_body_keeps_the_connection() -> None:
+    with serving(Config(timeout_s=5.0)) as (url, service):
+        out, took = raw(url, post(b'{"messages": "hi", "model": "x"}', "") + post(b"["))  # the second says close
+        statuses = [int(part.split(b" ")[0]) for part in out.split(b"HTTP/1.1 ")[1:]]
+        assert statuses == [404, 400] and service.sampler.calls == [] and took < 2.5
 
 
 @pytest.mark.parametrize(("extra", "status", "message"), [

@@ -104,7 +104,7 @@ def test_sampler_generates_and_maps_engine_settings(vllm, tiny_model: Path) -> N
             assert 1 <= len(s.response_ids) <= 6 and s.logprobs is None
             assert s.finished == (s.response_ids[-1] == eos)
             assert s.text == sampler.tokenizer.decode(s.response_ids, skip_special_tokens=True).strip()
-    (ids, sp, lora), _ = sampler.llm.requests
+    (_, sp, lora), _ = sampler.llm.requests
     assert (sp.n, sp.temperature, sp.top_p, sp.max_tokens, sp.seed) == (3, 0.8, 0.9, 6, 3)
     assert sp.skip_special_tokens is True and sp.logprobs is None and lora is None
     assert len({tuple(s.response_ids) for s in out[0]}) > 1  # sampled: the 3 differ
@@ -113,8 +113,9 @@ def test_sampler_generates_and_maps_engine_settings(vllm, tiny_model: Path) -> N
 def test_greedy_with_n_asks_vllm_once_and_copies(vllm, tiny_model: Path) -> None:
     sampler = build_sampler(tiny_model, ENGINE, verbose=False)
     out = sampler.generate(PROMPTS, SamplingSettings(temperature=0.0, max_new_tokens=8), n=2)
-    assert [s.response_ids for s in out[0]][0] == [s.response_ids for s in out[0]][1]
-    assert out[0][0] is not out[0][1]
+    first, second = out[0]
+    assert first.response_ids == second.response_ids
+    assert first is not second
     assert [(sp.n, sp.temperature, sp.top_p) for _, sp, _ in sampler.llm.requests] == [(1, 0.0, 1.0)] * 2
 
 

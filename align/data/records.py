@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ def read_jsonl(path: Path | str) -> Iterator[tuple[int, Any]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
                                 f"each line must be one JSON object") from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: JSON nested too deeply; each line must be one flat record") from None
             seen = True
             yield lineno, obj
     if not seen:
@@ -65,9 +68,20 @@ def write_jsonl(path: Path | str, rows: Iterable[Any]) -> int:
     return len(lines)
 
 
+def check_text(text: str, where: str, field_name: str) -> str:
+    """A string that can be written back as UTF-8: a lone surrogate ("\\ud800") is valid JSON but not text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: {field_name} has an invalid character at position {e.start} (a lone UTF-16 "
+                        f"surrogate); fix the text") from None
+    return text
+
+
 def check_messages(value: Any, where: str, *, field_name: str = "messages") -> list[Message]:
     """Validate a list of {role, content} messages (or a plain string, read as one user turn)."""
     if isinstance(value, str):
+        check_text(value, where, field_name)
         if not value.strip():
             raise DataError(f"{where}: {field_name} is empty")
         return [{"role": "user", "content": value}]
@@ -81,6 +95,7 @@ def check_messages(value: Any, where: str, *, field_name: str = "messages") -> l
             raise DataError(f"{where}: {field_name}[{i}] has unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
             raise DataError(f"{where}: {field_name}[{i}].content must be a string")
+        check_text(m["content"], where, f"{field_name}[{i}].content")
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
@@ -145,10 +160,23 @@ def preference_record(obj: Any, where: str) -> PreferenceRecord:
     rec = PreferenceRecord(prompt=check_messages(obj["prompt"], where, field_name="prompt"),
                            chosen=as_response(obj["chosen"], where, "chosen"),
                            rejected=as_response(obj["rejected"], where, "rejected"),
-                           meta=obj.get("meta") or {})
+                           meta=check_meta(obj.get("meta"), where))
     if rec.chosen == rec.rejected:
         raise DataError(f"{where}: chosen and rejected are identical; drop the row or fix the label")
     return rec
+
+
+def check_meta(meta: Any, where: str) -> dict[str, Any]:
+    """`meta` is an object (or absent); a `margin` in it is a finite number (the reward stage subtracts it)."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: meta must be a JSON object, got {type(meta).__name__}")
+    margin = meta.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                               or not math.isfinite(margin)):
+        raise DataError(f"{where}: meta.margin must be a finite number, got {margin!r}")
+    return meta
 
 
 def read_preferences(path: Path | str) -> list[PreferenceRecord]:
@@ -181,7 +209,7 @@ def read_prompts(path: Path | str) -> list[PromptRecord]:
             prompt = msgs[: last_user + 1]
         else:
             raise DataError(f"{where}: missing field 'prompt' (a string or a list of messages)")
-        meta = dict(obj.get("meta") or {})
+        meta = dict(check_meta(obj.get("meta"), where))
         meta.setdefault("origin", where)
         out.append(PromptRecord(prompt=prompt, meta=meta))
     return out

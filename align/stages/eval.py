@@ -57,6 +57,11 @@ class Config:
     overwrite: bool = opt(False, "replace an existing output_dir")
     seed: int = opt(0, "torch seed before each policy (sampling has its own seed)", ge=0)
 
+    def __post_init__(self) -> None:  # cross-field rules, checked before anything runs
+        if self.names and len(self.names) != len(self.policies):
+            raise ConfigError(f"names has {len(self.names)} entries but policies has {len(self.policies)}; give one "
+                              f"name per policy or none")
+
 
 @dataclass
 class PolicyResult:
@@ -244,9 +249,6 @@ def sample_rows(prompts: list[PromptRecord], results: list[PolicyResult]) -> lis
 
 
 def policy_names(cfg: Config) -> list[str]:
-    if cfg.names and len(cfg.names) != len(cfg.policies):
-        raise ConfigError(f"names has {len(cfg.names)} entries but policies has {len(cfg.policies)}; give one name "
-                          f"per policy or none")
     names = list(cfg.names) or [Path(p).name if Path(p).name != "model" else Path(p).parent.name
                                 for p in cfg.policies]
     seen: dict[str, int] = {"sft": 1}

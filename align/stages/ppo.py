@@ -100,19 +100,18 @@ class Config:
     critic: CriticSettings = opt(CriticSettings(), "value function")
     log: LogSettings = opt(LogSettings(), "logging and checkpoints")
 
+    def __post_init__(self) -> None:
+        """Cross-field rules, before anything loads."""
+        from align.models.policy import check_method
 
-def check_config(cfg: Config) -> None:
-    """Cross-field rules, before anything loads."""
-    from align.models.policy import check_method
-
-    p = cfg.ppo
-    check_method("ppo", cfg.peft.method)
-    if p.batch_size % (p.mini_batch_size * p.grad_accum):
-        raise ConfigError(f"ppo.batch_size={p.batch_size} must be a multiple of ppo.mini_batch_size × ppo.grad_accum"
-                          f" = {p.mini_batch_size * p.grad_accum}")
-    if cfg.sampling.temperature <= 0 or cfg.sampling.top_p < 1.0:
-        raise ConfigError("PPO samples from the policy it optimises: set sampling.temperature > 0 and "
-                          "sampling.top_p=1.0")
+        p = self.ppo
+        check_method("ppo", self.peft.method)
+        if p.batch_size % (p.mini_batch_size * p.grad_accum):
+            raise ConfigError(f"ppo.batch_size={p.batch_size} must be a multiple of ppo.mini_batch_size × ppo.grad_accum"
+                              f" = {p.mini_batch_size * p.grad_accum}")
+        if self.sampling.temperature <= 0 or self.sampling.top_p < 1.0:
+            raise ConfigError("PPO samples from the policy it optimises: set sampling.temperature > 0 and "
+                              "sampling.top_p=1.0")
 
 
 def step_prompts(prompts: list[PromptRecord], step: int, rank: int, world: int, n: int, seed: int) -> list[PromptRecord]:
@@ -177,7 +176,6 @@ def run(cfg: Config) -> Path:
     from align.rlhf.policy import ActorCritic, collate, load_trainable_state, score_rollout, trainable_state
     from align.runs import start_run
 
-    check_config(cfg)
     # cpu=True without CUDA: under torchrun/accelerate launch that selects gloo DDP across CPU processes.
     acc = Accelerator(gradient_accumulation_steps=cfg.ppo.grad_accum, cpu=not torch.cuda.is_available())
     prompts = read_prompts(cfg.data.prompts)

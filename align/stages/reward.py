@@ -57,6 +57,10 @@ class Config:
     peft: PeftSettings = opt(PeftSettings(), "parameter-efficient method (the score head is always trained)")
     train: TrainSettings = opt(TrainSettings(lr=1e-4, eval_steps=25, save_steps=50), "optimisation")
 
+    def __post_init__(self) -> None:  # cross-field rules, checked before anything runs
+
+        check_method("reward", self.peft.method)
+
 
 def resolve_data(path: str, names: tuple[str, ...]) -> Path:
     """A preference file, or a completed import / preferences / judge run folder's first output among `names`."""
@@ -104,7 +108,6 @@ def run(cfg: Config) -> Path:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    check_method("reward", cfg.peft.method)
     train_path, val_path, train_records, val_records = load_pairs(cfg)
     base = resolve_model(cfg.model)
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from align.config import DTYPE_HELP, Dtype, opt
+from align.errors import ConfigError
 from align.models.peft import PeftSettings
 from align.rewards import RewardSettings
 from align.stages.grpo import DataSettings, OnlineSettings
@@ -31,6 +32,14 @@ class Config:
     train: TrainSettings = opt(TrainSettings(lr=1e-5, batch_size=8, max_steps=20), "optimisation")
     online: OnlineSettings = opt(OnlineSettings(beta=0.05), "sampling and the policy-gradient loss")
     normalize_advantages: bool = opt(False, "standardise advantages over each generated batch")
+
+    def __post_init__(self) -> None:  # cross-field rules, checked before anything runs
+        from align.models.policy import check_method
+
+        check_method("rloo", self.peft.method)
+        if self.train.batch_size * self.train.grad_accum % self.online.num_generations:
+            raise ConfigError(f"train.batch_size × train.grad_accum must be a multiple of online.num_generations="
+                              f"{self.online.num_generations}")
 
 
 def run(cfg: Config) -> Path:

@@ -58,6 +58,10 @@ class Config:
     peft: PeftSettings = opt(PeftSettings(), "parameter-efficient method")
     train: TrainSettings = opt(TrainSettings(), "optimisation")
 
+    def __post_init__(self) -> None:  # cross-field rules, checked before anything runs
+
+        check_method("sft", self.peft.method)
+
 
 def tokenize_conversation(tokenizer: Any, messages: list[Message], loss_on: str) -> tuple[list[int], list[int]]:
     """Chat-template `messages`; return (input_ids, labels) with -100 outside assistant turns (loss_on=assistant).
@@ -120,7 +124,6 @@ def run(cfg: Config) -> Path:
     else:
         train_examples, val_examples = split_examples(train_examples, cfg.data.validation_fraction, cfg.seed)
 
-    check_method("sft", cfg.peft.method)
     base = resolve_model(cfg.model)  # everything is checked before the run folder exists
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     if not tokenizer.chat_template:

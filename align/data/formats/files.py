@@ -74,6 +74,8 @@ def json_rows(data: bytes, name: str) -> list[RawRow]:
     text = data.decode("utf-8", "surrogateescape").lstrip("\ufeff")
     try:
         obj = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{name}: JSON nested too deeply to be annotation data; fix or export the file again") from None
     except json.JSONDecodeError as e:
         if text.lstrip().startswith("{") and "\n{" in text:
             raise DataError(f"{name}:{e.lineno}: not valid JSON ({e.msg}); it looks like JSON Lines: "
@@ -94,7 +96,7 @@ def _cell(value: str) -> Any:
     if stripped[:1] in ("[", "{"):
         try:
             return json.loads(stripped)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return value
     return value
 

@@ -20,4 +20,4 @@ from vllm.sampling_params import SamplingParams
 
 __version__ = "0.33.0"  # the newest version mirrored; tests monkeypatch it to exercise version checks
 
-__all__ = ["LLM", "SamplingParams", "TokensPrompt", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "TokensPrompt", "__version__"]

@@ -46,7 +46,7 @@ prefix_caching_hash_algo pt_load_map_location quantization ray_workers_use_nsigh
 scheduler_cls scheduling_policy seed served_model_name show_hidden_metrics_for_version skip_tokenizer_init
 speculative_config tensor_parallel_size tokenizer tokenizer_mode tokenizer_revision trust_remote_code
 use_tqdm_on_load worker_cls worker_extension_cls
-""".split())
+""".split())  # noqa: SIM905 (89 names read better as words)
 MODEL_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")  # ModelDType, 0.10.0 and 0.33.0
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # 0.10.0 possible_max_ranks (0.33.0 adds 1)
