@@ -167,14 +167,18 @@ class Run:
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     previous: Path | None = None  # the run this one replaces (overwrite=true), moved aside until finish()
+    is_main: bool = True  # False on the other processes of a multi-process run: only the main one writes
 
     def add_input(self, path: Path | str) -> None:
-        self.inputs[str(path)] = sha256_path(Path(path))
+        if self.is_main:
+            self.inputs[str(path)] = sha256_path(Path(path))
 
     def add_output(self, name: str, path: Path | str) -> None:
         self.outputs[name] = str(Path(path).relative_to(self.dir) if Path(path).is_relative_to(self.dir) else path)
 
     def write_manifest(self, status: str) -> None:
+        if not self.is_main:
+            return
         atomic_write_json(self.dir / "manifest.json", {
             "stage": self.stage,
             "status": status,
@@ -190,6 +194,8 @@ class Run:
         })
 
     def finish(self) -> Path:
+        if not self.is_main:
+            return self.dir
         self.write_manifest("completed")
         _forget(self)
         if self.previous is not None:  # the replaced run is gone only now that the new one is complete
@@ -199,6 +205,9 @@ class Run:
     def fail(self, reason: str) -> None:
         """Mark the run `failed` with a one-line reason; when it was replacing an older run, put that one back
         (the failed attempt is kept next to it as <name>.failed)."""
+        if not self.is_main:
+            _forget(self)
+            return
         self.extra["error"] = reason.splitlines()[0][:500] if reason else "failed"
         self.write_manifest("failed")
         _forget(self)
@@ -370,6 +379,11 @@ def check_resumable(out: Path, stage: str, config: dict[str, Any]) -> Manifest |
     return manifest
 
 
+def process_rank() -> int:
+    """This process's rank under `accelerate launch` / torchrun (0 when it runs alone)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def start_run(stage: str, cfg: Any, *, resume: bool = False) -> Run:
     """Prepare `cfg.output_dir` and write the resolved config and a `running` manifest.
 
@@ -380,6 +394,8 @@ def start_run(stage: str, cfg: Any, *, resume: bool = False) -> Run:
     """
     out = Path(cfg.output_dir)
     config = to_dict(cfg)
+    if process_rank() != 0:  # other processes of a multi-process run: the main process owns the folder
+        return Run(dir=out, stage=stage, config=config, started_at=now(), is_main=False)
     if out.exists() and not out.is_dir():
         raise AlignError(f"output_dir {out} exists and is not a folder; choose another output_dir")
     previous_manifest, backup = None, None
@@ -399,6 +415,7 @@ def start_run(stage: str, cfg: Any, *, resume: bool = False) -> Run:
     atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     run = Run(dir=out, stage=stage, config=config,
               started_at=(previous_manifest or {}).get("started_at") or now(), previous=backup)
+    run.extra["processes"] = int(os.environ.get("WORLD_SIZE", "1") or 1)
     run.write_manifest("running")
     _ACTIVE.append(run)
     return run

@@ -88,7 +88,11 @@ def callbacks(t: TrainSettings, run_dir: Path, has_eval: bool) -> list[Any]:
     from transformers import EarlyStoppingCallback
     from transformers.integrations import TensorBoardCallback
 
-    out: list[Any] = [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(Path(run_dir) / "tb")))]
+    from align.runs import process_rank
+
+    out: list[Any] = []
+    if process_rank() == 0:  # one TensorBoard log per run, written by the main process
+        out.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(Path(run_dir) / "tb"))))
     if has_eval and t.early_stopping_patience:
         out.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     return out
@@ -155,6 +159,8 @@ def run_trl_online(stage: str, cfg: Any, trainer_cls: Any, config_cls: Any, algo
                           train_dataset=dataset, processing_class=tokenizer,
                           callbacks=callbacks(cfg.train, run_.dir, False))
     trainer.train(resume_from_checkpoint=last_checkpoint(run_.dir) if cfg.resume else None)
+    if not run_.is_main:  # multi-process: the main process saves and reports
+        return run_.dir
 
     out = save_policy(trainer.model, tokenizer, run_.dir / "model", method=cfg.peft.method, base=source)
     run_.add_output("model", out)

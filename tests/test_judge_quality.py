@@ -65,15 +65,19 @@ def test_the_judge_stage_writes_a_judge_report(tmp_path: Path) -> None:
     from align.runs import read_manifest
     from align.stages.judge import Config, run
 
-    samples = write_jsonl(tmp_path / "samples.jsonl", [
-        {"id": "p0", "prompt": Q, "responses": ["nine minutes", "about nine or ten minutes"]}])
-    humans = write_jsonl(tmp_path / "human.jsonl", [  # ShorterJudge agrees with the 3 where the shorter was chosen
+    # Both inputs as run folders of the stages that make them (resolved by align.runs.resolve_input).
+    samples = write_jsonl(tmp_path / "generate/samples.jsonl", [
+        {"id": "p0", "prompt": Q, "responses": ["nine minutes", "about nine or ten minutes"]}]).parent
+    humans = write_jsonl(tmp_path / "import/preferences.jsonl", [  # ShorterJudge agrees where the shorter was chosen
         {"prompt": Q, "chosen": "short", "rejected": "a longer answer"},
         {"prompt": Q, "chosen": "tiny", "rejected": "somewhat longer"},
         {"prompt": Q, "chosen": "the humans liked this long one", "rejected": "brief"},
         {"prompt": Q, "chosen": "ok", "rejected": "not ok at all"},
         {"prompt": Q, "chosen": "UNSURE x", "rejected": "y"},  # the judge fails on this one
-    ])
+    ]).parent
+    for folder, stage, output in ((samples, "generate", "samples"), (humans, "import", "preferences")):
+        (folder / "manifest.json").write_text(json.dumps(
+            {"stage": stage, "status": "completed", "outputs": {output: f"{output}.jsonl"}}))
     cfg = load_config(Config, ROOT / "stages/tiny/judge.yaml", [
         f"samples={samples}", f"output_dir={tmp_path / 'run'}", "judge=test_judges:ShorterJudge",
         f"human={humans}", "max_failure_rate=0.5"])

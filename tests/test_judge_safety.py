@@ -323,3 +323,17 @@ def test_human_pairs_are_resolved_before_anything_is_judged(tmp_path: Path) -> N
     with pytest.raises(DataError, match="is a judge run; expected the run folder of generate"):
         run(load_config(Config, ROOT / "stages/tiny/judge.yaml", [f"samples={other}", *base[1:]]))
     assert FLAKY["calls"] == 0 and not (tmp_path / "run").exists()
+
+
+def test_the_cli_reports_an_unreachable_endpoint_in_one_line_and_marks_the_run_failed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from align.cli import main
+    from align.runs import read_manifest
+
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    spec = openai_spec(tmp_path, url, max_retries=4, backoff_s=2.0)
+    code = main(["judge", str(ROOT / "stages/tiny/judge.yaml"), f"samples={samples_file(tmp_path)}",
+                 f"output_dir={tmp_path / 'run'}", f"judge={spec}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"cannot connect to {url}" in err[0]
+    assert read_manifest(tmp_path / "run")["status"] == "failed"

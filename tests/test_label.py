@@ -134,7 +134,8 @@ def test_gold_tasks_count_order_and_report():
 
 def config(tmp_path: Path, **over) -> label.Config:
     over.setdefault("inputs", [str(FIXTURES / "samples.jsonl")])
-    return label.Config(output_dir=str(tmp_path / "label"), **over)
+    over.setdefault("output_dir", str(tmp_path / "label"))
+    return label.Config(**over)
 
 
 def test_stage_labelstudio_pairwise_with_gold(tmp_path, capsys):
@@ -175,7 +176,7 @@ def test_stage_ranker_argilla_and_plain_files(tmp_path):
     assert [f["required"] for f in settings["fields"]] == [True, True, True, False]
     assert settings["questions"][0]["settings"]["options"][2] == {"value": "response-3", "text": "Response 3"}
     records = json.loads((out / "argilla_records.json").read_text())
-    assert all(r["id"] == r["task_id"] for r in records) and sorted(len(r) for r in records) == [7, 7, 8]
+    assert all(r["id"] == r["task_id"] for r in records) and sorted(len(r) for r in records) == [6, 6, 7]
 
     out = label.run(config(tmp_path, tool="csv", output_dir=str(tmp_path / "csv")))
     with open(out / "to_label.csv", newline="") as f:

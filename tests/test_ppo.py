@@ -259,20 +259,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_ppo_two_processes_with_accelerate(toy_policy: Path, tmp_path: Path) -> None:
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1"}
-    out = tmp_path / "run"
-    res = subprocess.run(
-        [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-         str(REPO / "stages/accelerate/cpu2.yaml"), "--main_process_port", str(free_port()), "-m", "align.cli", "ppo",
-         str(TINY), f"policy={toy_policy}", f"output_dir={out}", "reward.function=test_ppo:count_target",
-         "ppo.steps=2", "ppo.batch_size=8", "data.eval_size=2"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "2 process(es)" in res.stdout + res.stderr
-    assert sorted(p.name for p in (out / "checkpoints" / "step-2").glob("rng-*.json")) == ["rng-0.json", "rng-1.json"]
-    assert len(metrics_rows(out)) == 2
-    assert json.loads((out / "manifest.json").read_text())["status"] == "completed"

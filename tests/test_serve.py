@@ -351,7 +351,7 @@ def test_a_client_error_after_a_complete_body_keeps_the_connection() -> None:
     ({"n": 2.5}, 400, "'n' must be an integer"),
     ({"max_tokens": 0}, 400, "'max_tokens'"),
     ({"temperature": float("inf")}, 400, "'temperature'"),
-    ({"messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages[0].content is not valid Unicode"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages[0].content"),  # a lone surrogate
     ({"model": "gpt-4o"}, 404, "model 'gpt-4o' is not served here; this server serves 'served'"),
     ({"model": "served", "seed": 2**63 - 1}, 200, ""),
     ({"model": None}, 200, ""),

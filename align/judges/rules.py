@@ -8,7 +8,6 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from align.config import opt
 from align.data.records import Message

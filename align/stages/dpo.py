@@ -155,6 +155,8 @@ def run(cfg: Config) -> Path:
     trainer.train(resume_from_checkpoint=last_checkpoint(run_.dir) if cfg.resume else None)
     final_eval = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
     after = final_eval[-1] if final_eval else trainer.evaluate() if val_ds is not None else {}
+    if not run_.is_main:  # multi-process: the main process saves and reports
+        return run_.dir
 
     out = save_policy(trainer.model, tokenizer, run_.dir / "model", method=cfg.peft.method, base=source)
     run_.add_output("model", out)

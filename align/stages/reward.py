@@ -148,6 +148,8 @@ def run(cfg: Config) -> Path:
     checkpoint = last_checkpoint(run_.dir) if cfg.resume else None
     before = trainer.evaluate() if checkpoint is None else {}
     trainer.train(resume_from_checkpoint=checkpoint)
+    if not run_.is_main:  # multi-process: the main process saves and reports
+        return run_.dir
 
     save_model(trainer.model, tokenizer, base, cfg, run_)
     reward_model = RewardModel.load(run_.dir / "model", batch_size=cfg.train.batch_size)

@@ -182,17 +182,11 @@ class ChatService:
         return params, n, stop
 
     def messages(self, body: dict[str, Any], max_tokens: int) -> list[Message]:
-        """The request's messages, checked: valid roles, UTF-8 text, and prompt + max_tokens within the context."""
+        """The request's messages, checked: roles, text (no lone surrogates), prompt + max_tokens within the context."""
         try:
             messages = check_messages(body.get("messages"), "request", field_name="messages")
         except DataError as e:
             raise RequestError(str(e)) from None
-        for i, m in enumerate(messages):
-            try:
-                m["content"].encode("utf-8")
-            except UnicodeEncodeError:
-                raise RequestError(f"messages[{i}].content is not valid Unicode (a lone surrogate escape); send "
-                                   f"UTF-8 text") from None
         if self.prompt_tokens is None or not self.max_context:
             return messages
         try:

@@ -157,6 +157,8 @@ def run(cfg: Config) -> Path:
     checksums = param_checksums(trainer.model)
     trainer.train(resume_from_checkpoint=last_checkpoint(run_.dir) if cfg.resume else None)
     after = trainer.evaluate()["eval_loss"]
+    if not run_.is_main:  # multi-process: the main process saves and reports
+        return run_.dir
     run_.metrics.update(changed_tensors(checksums, param_checksums(trainer.model)))
     run_.extra["probe"] = probe_logits(trainer.model, val_ds[0]["input_ids"])
 
