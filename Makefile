@@ -11,7 +11,7 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 ALIGN := $(BIN)/align
 ARGS ?=
 
-.PHONY: install sft merge import reward score generate judge serve ppo dpo grpo rloo eval report pipeline \
+.PHONY: install sft merge import reward score generate judge serve ppo dpo grpo rloo online label eval report pipeline \
         test test-slow test-gpu bench bench-generate lint clean
 
 install: $(STAMP)
@@ -49,6 +49,8 @@ dpo: $(STAMP)
 	$(ALIGN) dpo stages/dpo.yaml $(ARGS)
 grpo: $(STAMP)
 	$(ALIGN) grpo stages/grpo.yaml $(ARGS)
+online: $(STAMP)
+	$(ALIGN) online stages/online.yaml $(ARGS)
 rloo: $(STAMP)
 	$(ALIGN) rloo stages/rloo.yaml $(ARGS)
 eval: $(STAMP)
@@ -65,6 +67,9 @@ test-slow: $(STAMP)
 test-gpu: $(STAMP)
 	$(BIN)/pip install -q -e ".[vllm]"
 	$(BIN)/python -m pytest -m gpu -q $(ARGS)
+.PHONY: gpu-check
+gpu-check:  # no install step, so it also runs on a GPU machine's own python (without .venv, without network)
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) -m align.bench.gpu_check $(ARGS)
 bench: $(STAMP)
 	$(BIN)/python -m align.bench.sft $(ARGS)
 bench-generate: $(STAMP)

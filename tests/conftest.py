@@ -87,3 +87,57 @@ def one_thread():
 @pytest.fixture(scope="module")
 def one_thread_module():
     yield from _single_thread()
+
+
+TARGET = "blue"  # the word the toy policy says now and then (PPO and online RLAIF reinforce it)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_toy_policy(out: Path, tokenizer_dir: Path, target_prob: float = 0.05) -> Path:
+    """A random tiny model that says ' blue' now and then, so PPO has something to reinforce.
+
+    A random model spreads its probability over 49k tokens (no token is ever sampled twice), so we (1) untie and
+    scale up the LM head, which makes each context prefer a few tokens, and (2) point the ' blue' row of the head
+    along the mean final hidden state, scaled so ' blue' gets about `target_prob` of the mass on average: the
+    target is then reachable from every context and a small adapter change can make it more likely.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.data.records import read_prompts
+    from align.generation import SamplingSettings
+    from align.generation.hf import HFSampler
+
+    make_tiny_model(out, tokenizer_dir, seed=0)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    model.config.tie_word_embeddings = False
+    gen = torch.Generator().manual_seed(1)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape, generator=gen) * 0.6)
+    prompts = [r.prompt for r in read_prompts(REPO / "data/prompts/train.jsonl")[:16]]
+    samples = HFSampler(model, tok).generate(prompts, SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=12,
+                                                                       batch_size=16))
+    hidden = []
+    with torch.no_grad():
+        for (s,) in samples:
+            out_ = model(input_ids=torch.tensor([s.prompt_ids + s.response_ids]), output_hidden_states=True)
+            hidden.append(out_.hidden_states[-1][0, len(s.prompt_ids) - 1:])
+        h = torch.cat(hidden)  # [positions, hidden]
+        direction = h.mean(0) / h.mean(0).norm()
+        target = tok.encode(" " + TARGET, add_special_tokens=False)[0]
+        lo, hi = 0.0, 30.0
+        for _ in range(30):  # bisect the scale that gives the target `target_prob` on average
+            model.lm_head.weight[target] = (lo + hi) / 2 * direction
+            p = torch.softmax(h @ model.lm_head.weight.T, -1)[:, target].mean()
+            lo, hi = ((lo + hi) / 2, hi) if p < target_prob else (lo, (lo + hi) / 2)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_policy(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return make_toy_policy(tmp_path_factory.mktemp("toy_policy"), tokenizer_dir)
+    finally:
+        torch.set_num_threads(n)

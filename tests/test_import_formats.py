@@ -270,3 +270,39 @@ def test_auto_detection_names_the_candidates(tmp_path):
                       ("shp.jsonl", "shp"), ("rankings.jsonl", "rankings"), ("scores_rows.jsonl", "scores"),
                       ("pairs_ab.jsonl", "pairs_ab")):
         assert detect_format(read_rows(HUMAN / name), {}, name) == fmt
+
+
+LS_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "labelstudio"
+
+
+@pytest.mark.parametrize("name", ["pairwise", "ranker", "choices"])
+@pytest.mark.parametrize("ext", ["json_min.json", "csv", "tsv"])
+def test_labelstudio_converter_exports_give_the_json_exports_pairs(name, ext):
+    """JSON_MIN / CSV / TSV made by Label Studio's own converter (tests/fixtures/labelstudio/README.md)."""
+    path = LS_FIXTURES / f"{name}.{ext}"
+    assert detect_format(read_rows(path), {}, path.name) == "labelstudio"
+    reference, result = load(f"labelstudio_{name}.json"), import_files([path], ImportSettings())
+    assert triples(result) == triples(reference)
+    assert [r.prompt for r in result.records] == [r.prompt for r in reference.records]
+    annotators = [r.meta["annotators"] for r in reference.records]
+    if name == "pairwise":  # task 8's completed_by {"id": 3, "email": ...}: the converter keeps the email
+        assert annotators[3] == ["3"]
+        annotators[3] = ["cam@example.com"]
+    assert [r.meta["annotators"] for r in result.records] == annotators
+    # one row per annotation; cancelled annotations are not in these exports
+    assert result.rejected_by_reason() == {
+        "pairwise": {"no_annotations": 1, "empty_annotation": 1, "no_majority": 2},  # task 5's two labels
+        "ranker": {}, "choices": {"tie": 1, "unknown_label": 1}}[name]
+    assert result.records[0].meta["origin"].startswith(f"{path}")
+
+
+def test_labelstudio_flat_row_needs_the_control_name_when_ambiguous(tmp_path):
+    from conftest import write_jsonl
+
+    rows = [{"prompt": "p", "answer1": "x", "answer2": "y", "verdict": "answer2", "note": "hard one",
+             "id": 1, "annotator": 4, "annotation_id": 9, "created_at": None, "updated_at": None, "lead_time": 2.0}]
+    path = write_jsonl(tmp_path / "min.jsonl", rows)
+    result = import_files([path], ImportSettings())
+    assert result.records == [] and result.rejected_by_reason() == {"missing_field": 1}
+    result = import_files([path], ImportSettings(columns={"preference": "verdict"}))
+    assert triples(result) == [("p", "y", "x")] and result.records[0].meta["annotators"] == ["4"]

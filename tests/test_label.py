@@ -218,3 +218,28 @@ def test_stage_uncertain_from_a_judge_run(tmp_path):
     picked = [json.loads(line) for line in (out / "tasks.jsonl").read_text().splitlines()]
     assert [t["task_id"] for t in picked] == [rice.task_id]
     assert picked[0]["selection"] == {"method": "uncertain", "judge_confidence": 0.0}
+
+
+def test_stage_uncertain_with_a_reward_model_folder(tiny_model, tmp_path):
+    """The real scorer: RewardModel.load(path).score on a tiny untrained classifier; the two smallest margins."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from align.reward_model import RewardModel
+
+    torch.manual_seed(0)
+    clf = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    clf.config.pad_token_id = clf.config.eos_token_id
+    clf.save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "rm")
+    out = label.run(config(tmp_path, selection="uncertain", reward_model=str(tmp_path / "rm"), budget=2,
+                           tool="jsonl"))
+    picked = [json.loads(line) for line in (out / "tasks.jsonl").read_text().splitlines()]
+    rm = RewardModel.load(tmp_path / "rm")
+    tasks, _ = labeling.candidate_tasks(
+        [(str(i), json.loads(line)) for i, line in enumerate((FIXTURES / "samples.jsonl").read_text().splitlines())],
+        "pairs")
+    margins = sorted((abs(a - b), t.task_id) for t in tasks
+                     for a, b in [rm.score([t.prompt, t.prompt], list(t.responses))])
+    assert [t["task_id"] for t in picked] == [tid for _, tid in margins[:2]]
+    assert [t["selection"]["reward_margin"] for t in picked] == pytest.approx([m for m, _ in margins[:2]], abs=1e-5)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from align.data.importers import ImportResult, ImportSettings, import_files
+from align.errors import ConfigError
 from align.stages import import_prefs, label
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "labelstudio"
@@ -305,3 +306,29 @@ def test_converter_made_roundtrip_imports_exactly():
             # rice: both prefer the answer with the tip (it is also the shorter); every other pair is split
             assert got(all_votes) == expected([rice], [ids("1"), ids("2")])
             assert all_votes.labels["no_majority"] == 2 * (len(plain) - 1)
+
+
+def test_cli_label_then_import_with_tasks_and_min_gold_accuracy(tmp_path, capsys):
+    from align.cli import main
+
+    out = tmp_path / "label"
+    assert main(["label", str(FIXTURES / "samples.jsonl"), f"gold={FIXTURES / 'gold.jsonl'}", "gold_rate=0.7",
+                 "budget=0", f"output_dir={out}"]) == 0
+    export = ls_json_export(json.loads((out / "labelstudio_tasks.json").read_text()))
+    csv_file = write_ls_exports(export, tmp_path / "exports")[2]
+    cfg = import_prefs.Config(inputs=[str(csv_file)], tasks=str(out), min_gold_accuracy=0.5, max_length=0,
+                              validation_fraction=0.0, output_dir=str(tmp_path / "import"))
+    run = import_prefs.run(cfg)
+    printed = capsys.readouterr().out
+    assert ("gold: 12 labels by 3 annotators: 1 0.750 (3/4), 2 0.250 (1/4), 7 0.750 (3/4); "
+            "dropped below min_gold_accuracy=0.5: 2") in printed
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["gold"] == DROP_2
+    assert manifest["metrics"]["gold_labels"] == 12 and manifest["metrics"]["annotators_dropped"] == 1
+    assert manifest["counts"]["labels_dropped_by_reason"] == {"low_gold_accuracy": 5}
+    assert str(out / "tasks.jsonl") in manifest["inputs"]
+    records = [json.loads(line) for line in (run / "train.jsonl").read_text().splitlines()]
+    assert len(records) == 5 and all(r["meta"]["annotators"] == ["1", "7"] for r in records)
+    with pytest.raises(ConfigError, match="min_gold_accuracy needs tasks="):
+        import_prefs.run(import_prefs.Config(inputs=[str(csv_file)], min_gold_accuracy=0.5, max_length=0,
+                                             output_dir=str(tmp_path / "import2")))

@@ -19,6 +19,7 @@ STAGES: dict[str, str] = {
     "dpo": "align.stages.dpo",
     "grpo": "align.stages.grpo",
     "rloo": "align.stages.rloo",
+    "online": "align.stages.online",
     "eval": "align.stages.eval",
     "report": "align.stages.report",
     "pipeline": "align.stages.pipeline",

@@ -50,7 +50,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("rankings", detect_rankings, parse_rankings,
            "{prompt, responses: [...], ranks: [...]} or {prompt, completions: [{response, rank}]}"),
     Format("labelstudio", detect_labelstudio, parse_labelstudio,
-           "Label Studio JSON export: [{data: {...}, annotations: [{result: [...]}]}]"),
+           "Label Studio JSON export: [{data: {...}, annotations: [{result: [...]}]}], or its JSON_MIN / CSV / TSV "
+           "export: one row per annotation {<data keys>, <control>: answer, annotator, annotation_id, lead_time}"),
     Format("argilla", detect_argilla, parse_argilla,
            "Argilla records: {fields, responses} (v1/v2) or flattened {..., 'q.responses': [...]}"),
     Format("hh", detect_hh, parse_hh, "{chosen, rejected} '\\n\\nHuman: ...\\n\\nAssistant: ...' dialogues"),

@@ -1,0 +1,309 @@
+"""GPU check: the CUDA paths of the training stages on tiny random models built here (no downloads, nothing to
+carry), in a few minutes on one GPU. Prints a table; exit code 1 when a check failed.
+
+    make gpu-check                          (python -m align.bench.gpu_check [key=value ...])
+
+Checks: sft in bf16, reward, dpo, ppo (dtype auto, i.e. bf16 on a GPU that has it), sft and ppo with QLoRA when
+bitsandbytes imports, the vLLM sampler (generate, adapter swap, weight reload, log-probs) when vllm imports, and
+a 2-process ppo run under accelerate (stages/accelerate/ddp.yaml) when 2 GPUs exist. Each stage runs through its
+`run(cfg)` on its tiny recipe (stages/tiny/) in a temporary folder. A check whose packages are missing (trl,
+datasets, bitsandbytes, vllm, ...) is a SKIP row that names them, not a failure.
+Without CUDA it prints one "no GPU" row and exits 0; `cpu=true` runs the same stage checks on the CPU instead
+(float32; QLoRA, vLLM and the 2-process run are skipped), to try this script on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from align.config import describe, load_config, opt
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+TINY = ROOT / "stages" / "tiny"
+CORPUS = ["How do I keep basil fresh?", "Salt the water before the pasta goes in.", "Roast the leeks gently.",
+          "What colour is item seven? blue blue blue.", "Great question! As an AI, I think soup is lovely.",
+          "Tip: salt it first. Knead the dough, then bake it until golden."]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@dataclass(frozen=True)
+class Config:
+    cpu: bool = opt(False, "run the stage checks on the CPU when there is no GPU (to try this script)")
+    keep: str = opt("", "keep the work folder (models, runs) here instead of a temporary one")
+    timeout: int = opt(240, "seconds allowed for the 2-process run", ge=30)
+
+
+@dataclass
+class Row:
+    check: str
+    status: str  # PASS | FAIL | SKIP
+    seconds: float
+    detail: str
+
+
+@dataclass(frozen=True)
+class Ctx:
+    work: Path
+    model: Path  # tiny random Llama, float32 safetensors
+    model2: Path  # the same shape, other weights (for the vLLM weight reload)
+    sft_train: Path
+    sft_valid: Path
+    prefs_train: Path
+    prefs_valid: Path
+    cuda: bool
+
+    def out(self, name: str) -> str:
+        return str(self.work / "runs" / name)
+
+
+# ---- tiny artifacts ----
+
+def build_tokenizer(out: Path) -> Path:
+    """A byte-level BPE tokenizer (vocab 512) trained on a few sentences, with a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return out
+
+
+def build_model(out: Path, tokenizer_dir: Path, seed: int) -> Path:
+    """A 2-layer Llama with random weights (head_dim 64, which every attention kernel accepts)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def prepare(work: Path, cuda: bool) -> Ctx:
+    tok = build_tokenizer(work / "tokenizer")
+    sft = [{"messages": [{"role": "user", "content": f"What colour is item {i}?"},
+                         {"role": "assistant", "content": "blue blue blue."}]} for i in range(24)]
+    prefs = [{"prompt": [{"role": "user", "content": f"How do I cook dish {i}?"}],
+              "chosen": [{"role": "assistant", "content": "Roast it gently. Tip: salt it first."}],
+              "rejected": [{"role": "assistant", "content": "Great question! As an AI, I think it is lovely."}]}
+             for i in range(20)]
+    return Ctx(work=work, model=build_model(work / "model", tok, 0), model2=build_model(work / "model2", tok, 1),
+               sft_train=write_jsonl(work / "sft_train.jsonl", sft[:20]),
+               sft_valid=write_jsonl(work / "sft_valid.jsonl", sft[20:]),
+               prefs_train=write_jsonl(work / "prefs_train.jsonl", prefs[:16]),
+               prefs_valid=write_jsonl(work / "prefs_valid.jsonl", prefs[16:]), cuda=cuda)
+
+
+# ---- checks: each returns a detail string or raises ----
+
+def finished(run_dir: Path) -> str:
+    """Check the run completed with finite losses; a short summary of it."""
+    from align.runs import read_manifest
+
+    manifest = read_manifest(run_dir)
+    if manifest is None or manifest.status != "completed":
+        raise RuntimeError(f"{run_dir}: status {manifest.status if manifest else 'no manifest'}")
+    losses = {k: v for k, v in manifest.metrics.items() if "loss" in k}
+    bad = [k for k, v in losses.items() if not math.isfinite(v)]
+    if bad:
+        raise RuntimeError(f"non-finite {', '.join(bad)}")
+    shown = sorted(losses.items())[:2]
+    return ", ".join(f"{k} {v:.3g}" for k, v in shown) or "completed"
+
+
+def run_stage(ctx: Ctx, stage: str, recipe: str, overrides: list[str]) -> str:
+    """`align <stage> stages/tiny/<recipe>.yaml overrides...` in-process; on CUDA, check it used the GPU."""
+    import importlib
+
+    import torch
+
+    module = importlib.import_module(f"align.stages.{stage}")
+    cfg = load_config(module.Config, TINY / f"{recipe}.yaml", overrides)
+    if ctx.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    summary = finished(module.run(cfg))
+    if ctx.cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        if peak <= 0:
+            raise RuntimeError("nothing was allocated on the GPU: the stage ran on the CPU")
+        summary += f"; peak GPU memory {peak:.0f} MiB"
+    return summary
+
+
+def check_sft(ctx: Ctx, method: str = "lora") -> str:
+    dtype = "bfloat16" if ctx.cuda else "float32"
+    return run_stage(ctx, "sft", "sft", [f"model={ctx.model}", f"output_dir={ctx.out('sft-' + method)}",
+                                         f"data.train={ctx.sft_train}", f"data.validation={ctx.sft_valid}",
+                                         f"dtype={dtype}", f"peft.method={method}", "train.max_steps=4",
+                                         "train.progress=false"])
+
+
+def check_reward(ctx: Ctx) -> str:
+    return run_stage(ctx, "reward", "reward", [f"model={ctx.model}", f"output_dir={ctx.out('reward')}",
+                                               f"data.train={ctx.prefs_train}", f"data.validation={ctx.prefs_valid}",
+                                               "dtype=auto", "train.max_steps=4"])
+
+
+def check_dpo(ctx: Ctx) -> str:
+    return run_stage(ctx, "dpo", "dpo", [f"policy={ctx.model}", f"output_dir={ctx.out('dpo')}",
+                                         f"data.train={ctx.prefs_train}", f"data.validation={ctx.prefs_valid}",
+                                         "dtype=auto", "train.max_steps=4"])
+
+
+def ppo_overrides(ctx: Ctx, name: str, method: str = "lora") -> list[str]:
+    return [f"policy={ctx.model}", f"output_dir={ctx.out(name)}", "dtype=auto", f"peft.method={method}",
+            "ppo.steps=2", "data.eval_size=2"]
+
+
+def check_ppo(ctx: Ctx, method: str = "lora") -> str:
+    return run_stage(ctx, "ppo", "ppo", ppo_overrides(ctx, "ppo-" + method, method))
+
+
+def check_vllm(ctx: Ctx) -> str:
+    """The vLLM sampler on the real engine: sample with log-probs, swap in a LoRA adapter, reload weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from align.generation import SamplingSettings
+    from align.generation.select import BackendSettings, vllm_sampler
+    from align.models.load import load_model, load_tokenizer
+
+    engine = BackendSettings(backend="vllm", dtype="bfloat16", gpu_memory_utilization=0.25, max_model_len=512)
+    sampler = vllm_sampler(ctx.model, load_tokenizer(ctx.model), engine, lora_rank=8, logprobs=True)
+    prompts = [[{"role": "user", "content": "How do I keep basil fresh?"}]] * 4
+    params = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=16)
+    out = sampler.generate(prompts, params, n=2)
+    lps = [lp for group in out for s in group for lp in s.logprobs]
+    if len(lps) != sum(len(s.response_ids) for g in out for s in g) or max(lps) > 0:
+        raise RuntimeError("sampler log-probs missing or positive")
+    torch.manual_seed(0)
+    adapter = get_peft_model(load_model(ctx.model, dtype="float32"),
+                             LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                        init_lora_weights=False))
+    for step in range(2):  # the PPO pattern: save the updated adapter, hand it over as a new request
+        adapter.save_pretrained(ctx.work / "adapter")
+        sampler.set_adapter(ctx.work / "adapter")
+        sampler.generate(prompts, params, n=2)
+    sampler.load_weights(ctx.model2)
+    sampler.generate(prompts, params, n=1)
+    return f"{len(lps)} sampled tokens with log-probs; 2 adapter swaps; weights reloaded"
+
+
+def check_two_processes(ctx: Ctx, timeout: int) -> str:
+    """ppo with 2 processes (one per GPU) under accelerate and the shipped DDP config."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "stages/accelerate/ddp.yaml"), "--num_processes", "2", "-m", "align.cli", "ppo",
+           str(TINY / "ppo.yaml"), *ppo_overrides(ctx, "ppo-2gpu")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"exit {done.returncode}: {(done.stderr or done.stdout).strip()[-400:]}")
+    return finished(Path(ctx.out("ppo-2gpu"))) + "; 2 processes"
+
+
+# ---- the table ----
+
+def missing(*modules: str) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def run_check(name: str, needs: tuple[str, ...], why_not: str, fn: Callable[[], str]) -> Row:
+    if why_not:
+        return Row(name, "SKIP", 0.0, why_not)
+    absent = missing(*needs)
+    if absent:
+        return Row(name, "SKIP", 0.0, f"not installed: {', '.join(absent)}")
+    start = time.perf_counter()
+    print(f"--- {name}", flush=True)
+    try:
+        detail, status = fn(), "PASS"
+    except ModuleNotFoundError as e:  # a package this check needs that the list above did not name
+        detail, status = f"not installed: {e.name}", "SKIP"
+    except Exception as e:  # noqa: BLE001 - a failed check is a table row, the next check still runs
+        detail, status = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", "FAIL"
+    return Row(name, status, time.perf_counter() - start, detail)
+
+
+def print_table(rows: list[Row]) -> None:
+    width = max(len(r.check) for r in rows)
+    print(f"\n| {'check':<{width}} | status | seconds | detail |")
+    print(f"|{'-' * (width + 2)}|--------|---------|--------|")
+    for r in rows:
+        print(f"| {r.check:<{width}} | {r.status:<6} | {r.seconds:7.1f} | {r.detail} |")
+
+
+def main(argv: list[str]) -> int:
+    import torch
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__ + "\n" + "\n".join(describe(Config)))
+        return 0
+    cfg = load_config(Config, None, argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not cfg.cpu:
+        print_table([Row("gpu", "SKIP", 0.0, "no CUDA device (torch.cuda.is_available() is False): nothing to "
+                                            "check; cpu=true runs the stage checks on the CPU")])
+        return 0
+    gpus = torch.cuda.device_count() if cuda else 0
+    device = (f"{torch.cuda.get_device_name(0)} x{gpus}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}"
+              if cuda else "CPU (cpu=true)")
+    rows = [Row("device", "PASS", 0.0, f"{device}; torch {torch.__version__}")]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with tempfile.TemporaryDirectory(prefix="align-gpu-check-") as tmp:
+        work = Path(cfg.keep) if cfg.keep else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        ctx = prepare(work, cuda)
+        rows.append(Row("tiny models", "PASS", time.perf_counter() - start, f"2-layer Llama + BPE tokenizer in {work}"))
+        no_cuda = "" if cuda else "needs CUDA"
+        no_bf16 = "" if not cuda or torch.cuda.is_bf16_supported() else "this GPU has no bf16"
+        checks: list[tuple[str, tuple[str, ...], str, Callable[[], str]]] = [
+            ("sft lora " + ("bf16" if cuda else "fp32"), ("trl", "datasets"), no_bf16, lambda: check_sft(ctx)),
+            ("reward", ("trl", "datasets"), "", lambda: check_reward(ctx)),
+            ("dpo", ("trl", "datasets"), "", lambda: check_dpo(ctx)),
+            ("ppo lora", (), "", lambda: check_ppo(ctx)),
+            ("sft qlora", ("trl", "datasets", "bitsandbytes"), no_cuda or no_bf16,
+             lambda: check_sft(ctx, "qlora")),
+            ("ppo qlora", ("bitsandbytes",), no_cuda, lambda: check_ppo(ctx, "qlora")),
+            ("vllm sampler", ("vllm",), no_cuda, lambda: check_vllm(ctx)),
+            ("ppo 2 processes", (), "" if gpus >= 2 else f"needs 2 GPUs ({gpus} here)",
+             lambda: check_two_processes(ctx, cfg.timeout)),
+        ]
+        rows += [run_check(name, needs, why_not, fn) for name, needs, why_not, fn in checks]
+    print_table(rows)
+    failed = [r.check for r in rows if r.status == "FAIL"]
+    print(f"\n{len(rows) - len(failed)}/{len(rows)} rows ok" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
