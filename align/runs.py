@@ -361,8 +361,22 @@ def check_replaceable(out: Path, stage: str, config: dict[str, Any]) -> None:
                          f"replace another stage's run. Choose another output_dir, or delete that run yourself")
 
 
-def check_resumable(out: Path, stage: str, config: dict[str, Any]) -> Manifest | None:
-    """The manifest to continue from, after checking it is this stage's run with the same settings."""
+def drop_keys(config: Any, dotted: tuple[str, ...]) -> Any:
+    """A copy of a plain config without the given dotted keys."""
+    out = json.loads(json.dumps(config, default=str))
+    for key in dotted:
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
+def check_resumable(out: Path, stage: str, config: dict[str, Any], ignore: tuple[str, ...] = ()) -> Manifest | None:
+    """The manifest to continue from, after checking it is this stage's run with the same settings (apart from
+    HOW_TO_RUN keys and the stage's own `ignore`: settings that cannot change its results, e.g. a judge's timeout)."""
     manifest = read_manifest(out)
     if manifest is None:
         if any(out.iterdir()):
@@ -371,7 +385,8 @@ def check_resumable(out: Path, stage: str, config: dict[str, Any]) -> Manifest |
     if manifest.stage != stage:
         raise AlignError(f"resume=true: {out} holds a {manifest.stage or 'unknown'} run, not a {stage} run; "
                          f"choose the {stage} run's folder or another output_dir")
-    diff = changed_keys(result_config(manifest.get("config") or {}), result_config(config))
+    diff = changed_keys(result_config(drop_keys(manifest.get("config") or {}, ignore)),
+                        result_config(drop_keys(config, ignore)))
     if diff:
         raise AlignError(f"resume=true: the settings changed since {out} was started, so the run cannot continue "
                          f"exactly: {'; '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}. Use the same settings, "
@@ -401,7 +416,7 @@ def start_run(stage: str, cfg: Any, *, resume: bool = False) -> Run:
     previous_manifest, backup = None, None
     if out.is_dir() and any(out.iterdir()):
         if resume:
-            previous_manifest = check_resumable(out, stage, config)
+            previous_manifest = check_resumable(out, stage, config, getattr(type(cfg), "RESUME_IGNORES", ()))
         elif getattr(cfg, "overwrite", False):
             check_replaceable(out, stage, config)
             backup = out.with_name(f".{out.name}.align-previous")

@@ -154,15 +154,21 @@ def test_recipes_wire_every_stage(recipe: str, tmp_path: Path) -> None:
         stage_cfg = pipeline.step_config(step)
         assert Path(stage_cfg.output_dir) == tmp_path / "p" / step.name
     evaluation = pipeline.step_config(steps[pipeline.ORDER.index("eval")])
-    assert evaluation.policies == [str(tmp_path / "p" / "ppo"), str(tmp_path / "p" / "dpo")]
-    assert evaluation.training_judges  # eval knows which judge labelled the AI pairs
+    assert evaluation.policies == [str(tmp_path / "p" / n) for n in ("ppo", "dpo", "online")]
+    assert evaluation.names == ["ppo", "dpo", "online"]
+    assert evaluation.training_judges  # eval knows which judges labelled the AI pairs
+    online = pipeline.step_config(steps[pipeline.ORDER.index("online")])
+    assert online.policy == str(tmp_path / "p" / "sft")
+    if online.judge.spec == "reward_model":  # the online judge is the pipeline's reward model
+        assert online.judge.options["path"] == str(tmp_path / "p" / "reward")
     with pytest.raises(Exception, match="unknown step"):
         pipeline.plan(load_config(pipeline.Config, Path(recipe), ["steps.nope.enabled=false"]))
 
 
 def test_disabled_policy_is_left_out_of_eval(tmp_path: Path) -> None:
     cfg = load_config(pipeline.Config, Path("stages/tiny/pipeline.yaml"),
-                      [f"output_dir={tmp_path}", "steps.dpo.enabled=false", "until=eval"])
+                      [f"output_dir={tmp_path}", "steps.dpo.enabled=false", "steps.online.enabled=false",
+                       "until=eval"])
     steps = pipeline.plan(cfg)
     assert [s.name for s in steps][-2:] == ["ppo", "eval"]
     assert pipeline.step_config(steps[-1]).policies == [str(tmp_path / "ppo")]
@@ -183,13 +189,13 @@ def test_tiny_pipeline_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     for run in find_stage_runs(root):
         assert run.manifest["status"] == "completed", run.name
     evaluation = json.loads((root / "eval" / "eval.json").read_text())
-    assert [p["name"] for p in evaluation["policies"]] == ["sft", "ppo", "dpo"]
-    # the tiny recipe labels AI pairs with house_style, the same judge eval uses: the report must say so
-    assert evaluation["judge"]["training_judges"] == ["house_style"]
+    assert [p["name"] for p in evaluation["policies"]] == ["sft", "ppo", "dpo", "online"]
+    # the tiny recipe labels AI pairs with house_style (and online with rules), eval uses house_style: it says so
+    assert evaluation["judge"]["training_judges"] == ["house_style", "rules"]
     assert evaluation["judge"]["differs_from_training_judge"] is False
     assert all(p["win_rate"]["n"] + p["win_rate"]["abstains"] > 0 for p in evaluation["policies"][1:])
     html = (root / "report" / "report.html").read_text()
-    assert html.count('<tr class="eval-row">') == 3 and 'src="data:image/png;base64,' in html
+    assert html.count('<tr class="eval-row">') == 4 and 'src="data:image/png;base64,' in html
 
     again = pipeline.run(load_config(pipeline.Config, Path("stages/tiny/pipeline.yaml"), overrides))
     steps = read_manifest(again)["steps"]

@@ -208,3 +208,14 @@ def test_a_run_folder_given_as_input_must_be_completed_and_of_the_right_stage(
         toy.finish()
         resolve_input(tmp_path / "toy", what="preference data", stages=("import",), outputs=("train",))
     assert json.loads((tmp_path / "imp" / "manifest.json").read_text())["status"] == "failed"
+
+
+def test_a_judge_resume_may_change_how_it_runs_but_not_what_it_decides(tmp_path: Path) -> None:
+    from align.stages import judge
+
+    cfg = judge.Config(output_dir=str(tmp_path / "j"), judge_options={"timeout_s": 5})
+    start_run("judge", cfg)
+    start_run("judge", dataclasses.replace(cfg, judge_options={"timeout_s": 60}, batch_size=4), resume=True)
+    with pytest.raises(AlignError, match=r"min_margin \(0.0 -> 0.3\)"):
+        start_run("judge", dataclasses.replace(cfg, min_margin=0.3), resume=True)
+    fail_active_runs("test over")

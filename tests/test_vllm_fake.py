@@ -190,6 +190,23 @@ def test_set_adapter_registers_each_update_as_a_new_request(vllm, tiny_model: Pa
         no_lora.set_adapter(folder)
 
 
+def test_adapter_with_extra_modules_is_refused_like_vllm(vllm, tiny_model: Path, tmp_path: Path) -> None:
+    """vLLM loads only LoRA tensors of known modules: a PPO value head must not go into the rollout adapter."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from align.models.load import load_tokenizer
+
+    adapter = save_adapter(tiny_model, tmp_path / "adapter")
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file({**tensors, "base_model.model.value_head.weight": torch.zeros(1, 64)},
+              adapter / "adapter_model.safetensors")
+    sampler = vllm_sampler(tiny_model, load_tokenizer(tiny_model), ENGINE, lora_rank=8)
+    sampler.set_adapter(adapter)
+    with pytest.raises(ValueError, match=r"received \['base_model.model.value_head'\]"):
+        sampler.generate(PROMPTS[:1], SamplingSettings(max_new_tokens=4))
+
+
 def test_load_weights_reloads_the_engine_in_place(vllm, tiny_model: Path, tokenizer_dir: Path,
                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Full fine-tuning: the updated policy, saved with save_pretrained, replaces the engine's weights."""

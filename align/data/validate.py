@@ -14,6 +14,9 @@ from align.data.records import Message, as_response, check_messages
 from align.errors import DataError
 
 REASONS: dict[str, str] = {
+    "unknown_task": "the label names a task id that is not in tasks=... (the `align label` run)",
+    "task_mismatch": "the responses differ from those of the labelled task",
+    "low_gold_accuracy": "the annotator's accuracy on gold tasks is below min_gold_accuracy",
     "invalid_json": "the line or file is not valid JSON",
     "undecodable": "bytes that are not UTF-8 (or lone surrogates) in a text",
     "not_an_object": "the row is not a JSON object / mapping",

@@ -79,7 +79,8 @@ class VLLMSampler:
 
     adapter: a LoRA folder served on top of `base`; lora_rank: start with LoRA enabled but no adapter yet (for
     set_adapter later). logprobs: fill Sample.logprobs with vLLM's log-prob of each sampled token, taken after
-    temperature (logprobs_mode="processed_logprobs"), i.e. of the distribution sampled from.
+    temperature (logprobs_mode="processed_logprobs"; vLLM >= 0.10.2, before that it is before temperature), i.e. of
+    the distribution sampled from: what the trainer recomputes from logits / temperature.
     """
 
     name = "vllm"
@@ -121,8 +122,9 @@ class VLLMSampler:
     def set_adapter(self, adapter: Path) -> Any:
         """Serve the LoRA adapter in `adapter` from the next generate on, as a new LoRARequest (new id, new name).
 
-        Call it after each save of an updated adapter, even into the same folder: vLLM keys its adapter cache
-        (and, in 0.33, its prefix cache) on the id and name, so only a new request makes it read the new weights.
+        Call it after each save of an updated adapter, even into the same folder: vLLM caches an adapter under its
+        id and keys prefix-cache entries on the id (0.33: on name and path), so only a new id and name make it read
+        the new weights and drop KV computed with the old ones.
         """
         if self.max_lora_rank is None:
             raise ModelError("this vLLM engine was started without LoRA; build the sampler with lora_rank= "

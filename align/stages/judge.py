@@ -19,7 +19,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from align.config import opt
 from align.data.records import Message, check_messages, prompt_id, read_jsonl, read_preferences, write_jsonl
@@ -33,6 +33,12 @@ from align.runs import Run, resolve_input, start_run
 
 @dataclass(frozen=True)
 class Config:
+    # how the judging runs, not what it decides: a resume may change them (the cache keys on the verdict's inputs)
+    RESUME_IGNORES: ClassVar[tuple[str, ...]] = (
+        "batch_size", "max_failure_rate", "cache_dir", "judge_options.timeout_s", "judge_options.max_retries",
+        "judge_options.backoff_s", "judge_options.max_backoff_s", "judge_options.concurrency",
+        "judge_options.base_url")
+
     samples: str = opt("runs/generate", "samples.jsonl from `align generate`, or its run folder")
     judge: str = opt("house_style", "judge spec: a name under judges/, a YAML path, or package.module:ClassName")
     judge_options: dict[str, Any] = opt({}, "override the spec's options, e.g. judge_options.path=runs/reward2")

@@ -1,5 +1,5 @@
 """pipeline: SFT -> import (human labels) -> generate + judge (AI labels) -> preferences -> reward -> PPO + DPO
--> eval -> report, in one process, each step in its own folder under `output_dir`. Stages come from the registry in align/stages/__init__.py;
+-> online RLAIF (the reward model judges the policy's own samples, round after round) -> eval -> report, in one process, each step in its own folder under `output_dir`. Stages come from the registry in align/stages/__init__.py;
 fingerprints from align/runs.py.
 
 Each step is `run(load_config(module.Config, recipe, overrides))` with the step's recipe (stages/<stage>.yaml,
@@ -28,7 +28,7 @@ from align.config import load_config, opt, to_dict
 from align.errors import ConfigError
 from align.runs import Run, check_replaceable, fail_active_runs, fingerprint, now, read_manifest
 
-ORDER = ("sft", "import", "generate", "judge", "preferences", "reward", "ppo", "dpo", "eval", "report")
+ORDER = ("sft", "import", "generate", "judge", "preferences", "reward", "ppo", "dpo", "online", "eval", "report")
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,10 @@ def fields_of(cls: type) -> set[str]:
 def wiring(cfg: Config, root: Path, enabled: set[str]) -> dict[str, dict[str, Any]]:
     """The keys the pipeline sets for each step: where it writes, and which upstream folders it reads."""
     d = {name: str(root / name) for name in ORDER}
-    policies = [name for name in ("ppo", "dpo") if name in enabled]
+    policies = [name for name in ("ppo", "dpo", "online") if name in enabled]
     judge_spec = judge_of(cfg) if "judge" in enabled else None
+    online_judge = online_judge_of(cfg) if "online" in enabled else None
+    training_judges = [j for j in (judge_spec, online_judge) if j]
     return {
         "sft": {"model": cfg.model},
         "import": {"inputs": list(cfg.human), "model": cfg.model},
@@ -105,9 +107,13 @@ def wiring(cfg: Config, root: Path, enabled: set[str]) -> dict[str, dict[str, An
         "dpo": {"policy": d["sft"], "data": {"train": f"{d['preferences']}/train.jsonl",
                                              "validation": f"{d['preferences']}/valid.jsonl"},
                 "eval": {"reward": {"model": d["reward"], "function": ""}}},
+        "online": {"policy": d["sft"], "prompts": cfg.prompts,
+                   "eval": {"prompts": cfg.eval_prompts, "reward": {"model": d["reward"], "function": ""}},
+                   **({"human": d["import"]} if "import" in enabled else {}),
+                   # the reward-model judge labels with the pipeline's reward model
+                   **({"judge": {"options": {"path": d["reward"]}}} if online_judge == "reward_model" else {})},
         "eval": {"sft": d["sft"], "policies": [d[p] for p in policies], "names": policies,
-                 "reward_model": d["reward"], "prompts": cfg.eval_prompts,
-                 "training_judges": [judge_spec] if judge_spec else []},
+                 "reward_model": d["reward"], "prompts": cfg.eval_prompts, "training_judges": training_judges},
         "report": {"run_dir": str(root), "output_dir": d["report"]},
     }
 
@@ -128,6 +134,15 @@ def judge_of(cfg: Config) -> str:
 
     step = cfg.steps.get("judge", Step())
     return load_config(judge.Config, recipe_for(cfg, "judge", "judge"), flatten(step.overrides)).judge
+
+
+def online_judge_of(cfg: Config) -> str:
+    """The judge spec the online step's recipe (and overrides) name."""
+    from align.stages import online
+
+    step = cfg.steps.get("online", Step())
+    overrides = [o for o in flatten(step.overrides) if o.startswith("judge.spec=")]
+    return load_config(online.Config, recipe_for(cfg, "online", "online"), overrides).judge.spec
 
 
 def stage_entry(stage: str) -> tuple[type, Callable[[Any], Path]]:

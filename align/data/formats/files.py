@@ -45,7 +45,9 @@ def read_rows(path: Path | str) -> list[RawRow]:
         return jsonl_rows(data, str(path))
     if suffix == ".json":
         return json_rows(data, str(path))
-    return csv_rows(data, str(path), delimiter="\t" if suffix == ".tsv" else ",")
+    first = data.split(b"\n", 1)[0]
+    tabs = suffix == ".tsv" or (b"\t" in first and b"," not in first)  # Label Studio saves TSV as result.csv
+    return csv_rows(data, str(path), delimiter="\t" if tabs else ",")
 
 
 def jsonl_rows(data: bytes, name: str) -> list[RawRow]:

@@ -50,6 +50,8 @@ use_tqdm_on_load worker_cls worker_extension_cls
 MODEL_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")  # ModelDType, 0.10.0 and 0.33.0
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # 0.10.0 possible_max_ranks (0.33.0 adds 1)
+# Llama's LoRA-able modules (packed qkv_proj / gate_up_proj unpacked), the decoder models align trains.
+LORA_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 # config.json keys vLLM derives the context length from (the smallest present wins).
 _MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
                  "max_seq_length", "seq_len")
@@ -184,11 +186,31 @@ class LLM:
         rank = int(json.loads(config.read_text()).get("r", 0))
         if rank > self.engine_args["max_lora_rank"]:
             raise ValueError(f"LoRA rank {rank} is greater than max_lora_rank {self.engine_args['max_lora_rank']}.")
+        if lora.lora_int_id not in self.loaded_loras:
+            self._check_lora_modules(lora)
         seen = self.loaded_loras.setdefault(lora.lora_int_id, (lora.lora_name, lora.lora_path))
         # vLLM caches an adapter by its int id and never rereads it: a reused id would serve the stale adapter.
         assert seen == (lora.lora_name, lora.lora_path), (
             f"fake vllm: lora_int_id {lora.lora_int_id} was {seen}, now {(lora.lora_name, lora.lora_path)}: "
             f"vLLM would keep serving the adapter it cached first")
+
+    @staticmethod
+    def _check_lora_modules(lora: LoRARequest) -> None:
+        """lora/models.py (0.10.0) / lora/lora_model.py (0.33.0) from_local_checkpoint: every tensor in
+        adapter_model.safetensors must belong to a module vLLM can put LoRA on (extra full modules such as a
+        value head are refused)."""
+        from safetensors import safe_open
+
+        unexpected = []
+        with safe_open(str(Path(lora.lora_path) / "adapter_model.safetensors"), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                parts = key.split(".")
+                cut = next((i for i, p in enumerate(parts) if p in ("lora_A", "lora_B")), len(parts) - 1)
+                if parts[cut - 1] not in LORA_MODULES:
+                    unexpected.append(".".join(parts[:cut]))
+        if unexpected:
+            raise ValueError(f"While loading {lora.lora_path}, expected target modules in {sorted(LORA_MODULES)} "
+                             f"but received {unexpected}. Please verify that the loaded LoRA module is correct")
 
     def _complete(self, ids: list[int], sp: SamplingParams, lora: LoRARequest | None,
                   index: int) -> CompletionOutput:
