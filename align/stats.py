@@ -84,3 +84,48 @@ def score_outcome(policy: float | None, baseline: float | None, tie_margin: floa
     if abs(policy - baseline) <= tie_margin:
         return "tie"
     return "win" if policy > baseline else "loss"
+
+
+LENGTH_FLAG = 0.10  # |raw - length-controlled| above this: the policy wins (or loses) by its length
+
+
+def length_controlled_win_rate(outcomes: list[Outcome], policy_lengths: list[float],
+                               baseline_lengths: list[float], ridge: float = 1e-6) -> dict[str, Any] | None:
+    """The win rate the policy would have if its answers were as long as the baseline's (AlpacaEval 2's
+    length-controlled win rate, without its per-instruction term; Dubois et al. 2024, arXiv:2404.04475).
+
+    Fit P(win) = σ(θ + φ·tanh(Δ/s)) by maximum likelihood on the decided comparisons (ties as y = 0.5, abstains
+    left out), where Δ = policy length - baseline length and s = the standard deviation of Δ; the
+    length-controlled win rate is σ(θ), the prediction at Δ = 0. `ridge` (on φ only) keeps a perfectly
+    length-separated table finite. Returns {rate, length_coef, flag} or None when nothing was decided.
+    """
+    y_of = {"win": 1.0, "loss": 0.0, "tie": 0.5}
+    rows = [(y_of[o], p - b) for o, p, b in zip(outcomes, policy_lengths, baseline_lengths) if o in y_of]
+    if not rows:
+        return None
+    deltas = [d for _, d in rows]
+    mean = sum(deltas) / len(deltas)
+    s = math.sqrt(sum((d - mean) ** 2 for d in deltas) / len(deltas)) or 1.0
+    xs = [math.tanh(d / s) for d in deltas]
+    ys = [y for y, _ in rows]
+    theta = phi = 0.0
+    for _ in range(100):  # Newton-Raphson on the 2-parameter log-likelihood
+        g0 = g1 = h00 = h01 = h11 = 0.0
+        for x, y in zip(xs, ys):
+            p = 1 / (1 + math.exp(-(theta + phi * x)))
+            w = p * (1 - p)
+            g0, g1 = g0 + (y - p), g1 + (y - p) * x
+            h00, h01, h11 = h00 + w, h01 + w * x, h11 + w * x * x
+        g1 -= ridge * phi
+        h11 += ridge
+        det = h00 * h11 - h01 * h01
+        if det <= 1e-12:  # every Δ the same: length cannot explain anything, θ alone
+            step0, step1 = (g0 / h00 if h00 > 1e-12 else 0.0), 0.0
+        else:
+            step0, step1 = (h11 * g0 - h01 * g1) / det, (h00 * g1 - h01 * g0) / det
+        theta, phi = theta + step0, phi + step1
+        if abs(step0) + abs(step1) < 1e-10:
+            break
+    rate = 1 / (1 + math.exp(-theta))
+    raw = sum(ys) / len(ys)
+    return {"rate": rate, "length_coef": phi, "flag": abs(raw - rate) > LENGTH_FLAG}

@@ -1,8 +1,9 @@
 """The shipped accelerate configs (stages/accelerate/*.yaml), read by accelerate's own code.
 
-What runs where (accelerate 1.15, torch CPU build): cpu2.yaml and ddp.yaml start real processes on CPU (gloo;
-the stage tests run them). FSDP does not run on CPU: accelerate enables it only on an accelerator device (a CPU
-run becomes plain DDP), and fsdp.yaml's sync_module_states makes the FSDP plugin refuse a machine without one.
+What runs where (accelerate 1.15, torch CPU build): cpu2.yaml starts real processes on CPU (gloo; every stage
+runs under it in test_multiprocess.py); ddp.yaml is the same launch meant for GPUs. FSDP does not run on CPU:
+accelerate enables it only on an accelerator device (a CPU run becomes plain DDP), and fsdp.yaml's
+sync_module_states makes the FSDP plugin refuse a machine without one.
 DeepSpeed is not an align dependency; `accelerate launch` with zero2/zero3.yaml stops at once without it, and
 accelerate never uses DeepSpeed for a CPU run. So here the FSDP and DeepSpeed configs are checked as far as
 accelerate goes without a GPU: the launcher's arguments, the environment it hands the processes, and the plugin

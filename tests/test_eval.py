@@ -97,6 +97,9 @@ def test_eval_adapters_kl_rewards_and_outputs(tmp_path: Path, prompts: Path, mod
     assert all(text[("zero", i)] == text[("sft", i)] for i in range(N_PROMPTS))
     assert rows["zero"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)
     assert rows["zero"]["win_rate"]["ties"] == N_PROMPTS and rows["zero"]["win_rate"]["rate"] == 0.5
+    # identical answers: same length, all ties -> the length-controlled win rate is 50% too, not flagged
+    assert rows["zero"]["lc_win_rate"]["rate"] == pytest.approx(0.5) and not rows["zero"]["lc_win_rate"]["flag"]
+    assert rows["sft"]["lc_win_rate"] is None
     assert rows["zero"]["reward_mean"] == pytest.approx(rows["sft"]["reward_mean"], abs=1e-5)
     # A moved adapter samples differently and sits at a positive KL from its adapter-disabled base.
     assert any(text[("moved", i)] != text[("sft", i)] for i in range(N_PROMPTS))

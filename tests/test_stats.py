@@ -50,3 +50,25 @@ def test_count_outcomes_and_score_outcome() -> None:
     assert score_outcome(0.5, 0.55, tie_margin=0.1) == "tie"
     assert score_outcome(None, 0.5) == "abstain"
     assert score_outcome(math.nan, 0.5) == "abstain"
+
+
+def test_length_controlled_win_rate_equals_the_hand_computed_fit() -> None:
+    from align.stats import length_controlled_win_rate
+
+    # Δ = ±10 tokens, so Δ/s = ±1 and x = ±tanh(1). Longer answers: 3 wins, 1 loss; shorter: 2 wins, 2 losses.
+    # Two groups, two parameters: the fit is exact, logit p(+) = θ + φ·c and logit p(-) = θ - φ·c, so
+    # θ = (logit 0.75 + logit 0.5) / 2 = ln(3) / 2 and the length-controlled rate is σ(ln 3 / 2) = 0.6340.
+    outcomes = ["win", "win", "win", "loss", "win", "win", "loss", "loss", "abstain"]
+    policy = [20] * 4 + [0] * 4 + [99]
+    base = [10] * 8 + [0]
+    lc = length_controlled_win_rate(outcomes, policy, base)
+    theta = math.log(3) / 2
+    assert lc["rate"] == pytest.approx(1 / (1 + math.exp(-theta)), abs=1e-4)
+    assert lc["length_coef"] == pytest.approx(theta / math.tanh(1), abs=1e-3) and not lc["flag"]
+    # a policy that wins only when it writes more: raw 50%, but at equal length it would lose; it is flagged
+    outcomes = ["win"] * 6 + ["loss"] * 2 + ["loss"] * 6 + ["win"] * 2
+    lc = length_controlled_win_rate(outcomes, [30] * 8 + [10] * 8, [20] * 16)
+    assert lc["rate"] == pytest.approx(0.5, abs=1e-4)  # symmetric: θ = (logit 0.75 + logit 0.25) / 2 = 0
+    lc = length_controlled_win_rate(["win"] * 6 + ["tie"] * 2, [30] * 6 + [20] * 2, [20] * 8)
+    assert lc["rate"] < 0.75 and lc["flag"]  # raw 87.5%; all its wins came with longer answers
+    assert length_controlled_win_rate(["abstain"], [1], [1]) is None

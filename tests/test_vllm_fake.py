@@ -271,3 +271,18 @@ def test_llm_judge_on_the_vllm_backend(vllm, tiny_model: Path) -> None:
     assert all((sp.n, sp.temperature, sp.max_tokens) == (1, 0.0, 4) for _, sp, _ in requests)
     decoded = [judge.sampler.tokenizer.decode(ids) for ids, _, _ in requests]
     assert "Add salt." in decoded[0] and "Add sugar." in decoded[0]
+
+
+def test_llm_judge_logprob_verdicts_on_the_vllm_backend(vllm, tiny_model: Path) -> None:
+    """verdict=logprob reads P("A") vs P("B") from vLLM's top next-token log-probabilities."""
+    from align.judges.llm import VLLM_TOP, Config, LLMJudge
+
+    judge = LLMJudge(Config(model=str(tiny_model), verdict="logprob", engine=ENGINE))
+    prompts = [[{"role": "user", "content": f"Dish {i}?"}] for i in range(4)]
+    verdicts = judge.judge(prompts, [("Roast it.", "Boil it.")] * 4)
+    assert all(v.winner in ("a", "b") and 0.5 <= v.confidence <= 1 and not v.failed for v in verdicts)
+    requests = judge.sampler.llm.requests
+    assert len(requests) == 8 and all((sp.max_tokens, sp.temperature, sp.logprobs) == (1, 0.0, VLLM_TOP)
+                                      for _, sp, _ in requests)
+    prefix = judge.sampler.tokenizer.encode("Verdict:", add_special_tokens=False)
+    assert all(ids[-len(prefix):] == prefix for ids, _, _ in requests)

@@ -27,7 +27,7 @@ from align.data.records import Message, PromptRecord, read_prompts, write_jsonl
 from align.errors import ConfigError, DataError
 from align.generation import Sample, SamplingSettings
 from align.runs import atomic_write_json, read_manifest, start_run
-from align.stats import Outcome, WinRate, count_outcomes, score_outcome
+from align.stats import Outcome, WinRate, count_outcomes, length_controlled_win_rate, score_outcome
 
 DEFAULT_JUDGE = "align.judges.house_style:house_style_score"
 
@@ -211,7 +211,7 @@ def mean(values: list[float | None]) -> float | None:
     return sum(got) / len(got) if got else None
 
 
-def summarise(r: PolicyResult) -> dict[str, Any]:
+def summarise(r: PolicyResult, baseline: PolicyResult) -> dict[str, Any]:
     """The per-policy row of eval.json."""
     n_tokens = sum(len(s.response_ids) for s in r.samples)
     kl_known = [k for k in r.kl_tokens if not math.isnan(k)]
@@ -220,6 +220,10 @@ def summarise(r: PolicyResult) -> dict[str, Any]:
         "name": r.name, "path": str(r.path), "reference": r.reference,
         "reward_mean": mean(r.rewards), "judge_mean": mean(r.judge_scores),
         "win_rate": win.to_json() if win else None, "position_flips": r.flips if r.outcomes else None,
+        # what the win rate would be at the baseline's length (see align/stats.py); flag: it wins by length
+        "lc_win_rate": length_controlled_win_rate(r.outcomes, [len(s.response_ids) for s in r.samples],
+                                                  [len(s.response_ids) for s in baseline.samples])
+        if r.outcomes else None,
         "kl_to_reference": sum(kl_known) / n_tokens if kl_known and n_tokens else None,  # per token
         "kl_per_sequence": sum(kl_known) / len(kl_known) if kl_known else None,
         "length_tokens_mean": n_tokens / max(len(r.samples), 1),
@@ -293,7 +297,7 @@ def run(cfg: Config) -> Path:
                   "differs_from_training_judge": not (judge_identities(cfg.judge) & used_for_training)},
         "prompts": {"file": cfg.prompts, "n": len(records)},
         "baseline": "sft", "sampling": to_dict(cfg.sampling),
-        "policies": [summarise(r) for r in results],
+        "policies": [summarise(r, sft) for r in results],
         "side_by_side": side_by_side(records, results, cfg.side_by_side),
     }
     atomic_write_json(run_.dir / "eval.json", report)
@@ -308,6 +312,8 @@ def run(cfg: Config) -> Path:
         if row["win_rate"]:
             for key in ("rate", "low", "high", "wins", "losses", "ties", "abstains"):
                 run_.metrics[f"{row['name']}_win_{key}"] = row["win_rate"][key]
+        if row["lc_win_rate"]:
+            run_.metrics[f"{row['name']}_lc_win_rate"] = row["lc_win_rate"]["rate"]
     print_table(report)
     return run_.finish()
 
@@ -318,15 +324,20 @@ def print_table(report: dict[str, Any]) -> None:
     note = (f"; AI training labels came from {', '.join(j['training_judges']) or 'no judge'}: "
             + ("a different judge" if j["differs_from_training_judge"] else same))
     print(f"eval on {report['prompts']['n']} held-out prompts; win-rate judge {j['name']} ({j['kind']}){note}")
-    print(f"{'policy':<12} {'reward':>8} {'judge':>7} {'win rate vs sft [95% CI]':>26} {'W/L/T/A':>13} "
-          f"{'KL/token':>9} {'tokens':>7}")
+    print(f"{'policy':<12} {'reward':>8} {'judge':>7} {'win rate vs sft [95% CI]':>26} {'LC win':>7} "
+          f"{'W/L/T/A':>13} {'KL/token':>9} {'tokens':>7}")
     fmt = lambda v, d=3: "—" if v is None else f"{v:.{d}f}"
     for row in report["policies"]:
         w = row["win_rate"]
         wr = "baseline" if not w else f"{100 * w['rate']:.1f}% [{100 * w['low']:.1f}, {100 * w['high']:.1f}]"
         wlta = "" if not w else f"{w['wins']}/{w['losses']}/{w['ties']}/{w['abstains']}"
-        print(f"{row['name']:<12} {fmt(row['reward_mean']):>8} {fmt(row['judge_mean']):>7} {wr:>26} {wlta:>13} "
+        lc = row.get("lc_win_rate")
+        lcw = "" if not lc else f"{100 * lc['rate']:.1f}%" + ("*" if lc["flag"] else "")
+        print(f"{row['name']:<12} {fmt(row['reward_mean']):>8} {fmt(row['judge_mean']):>7} {wr:>26} {lcw:>7} {wlta:>13} "
               f"{fmt(row['kl_to_reference'], 4):>9} {row['length_tokens_mean']:>7.1f}", flush=True)
+    if any((row.get("lc_win_rate") or {}).get("flag") for row in report["policies"]):
+        print("* length-controlled win rate differs from the raw one by more than 10 points: that policy wins "
+              "(or loses) by the length of its answers", flush=True)
 
 
 def read_eval(run_dir: Path) -> dict[str, Any] | None:

@@ -55,7 +55,8 @@ LORA_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 # config.json keys vLLM derives the context length from (the smallest present wins).
 _MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
                  "max_seq_length", "seq_len")
-_WORDS = " yes no maybe soup salt pepper basil lemon"  # the fake's vocabulary, tokenized with the real tokenizer
+# The fake's vocabulary (tokenized with the real tokenizer): words, and the letters an `llm` judge reads.
+_WORDS = " yes no maybe soup salt pepper basil lemon A B"
 
 
 def _check(name: str, value: Any, *types: type) -> None:
@@ -72,7 +73,7 @@ class LLM:
                 raise TypeError(f"EngineArgs.__init__() got an unexpected keyword argument '{key}'")
         args = {"tokenizer": None, "tensor_parallel_size": 1, "dtype": "auto", "gpu_memory_utilization": 0.9,
                 "max_model_len": None, "trust_remote_code": False, "enable_lora": False, "max_lora_rank": 16,
-                "max_loras": 1, "logprobs_mode": "raw_logprobs", "seed": 0, **kwargs}
+                "max_loras": 1, "logprobs_mode": "raw_logprobs", "seed": 0, "max_logprobs": 20, **kwargs}
         _check("model", model, str)
         _check("tokenizer", args["tokenizer"], str, type(None))
         _check("tensor_parallel_size", args["tensor_parallel_size"], int)
@@ -136,6 +137,9 @@ class LLM:
         outputs = []
         for prompt, sp, lora in zip(prompts, params, loras):
             ids = self._prompt_ids(prompt)
+            if sp.logprobs and sp.logprobs > self.engine_args["max_logprobs"]:  # v1 engine processor
+                raise ValueError(f"Requested sample logprobs of {sp.logprobs}, which is greater than max allowed: "
+                                 f"{self.engine_args['max_logprobs']}")
             self._check_lora(lora)
             self.requests.append((ids, sp, lora))
             self._request_counter += 1
@@ -228,12 +232,14 @@ class LLM:
         text_ids = tokens[:-1] if stopped else tokens
         text = self.tokenizer.decode(text_ids, skip_special_tokens=sp.skip_special_tokens)
         logprobs = None
-        if sp.logprobs is not None:
+        if sp.logprobs is not None:  # per position: the top `logprobs` candidates, plus the sampled token
             logprobs = []
             for pos, token in enumerate(tokens):
-                chosen = -((h + pos) % 7 + 1) / 4  # deterministic, in [-1.75, -0.25]
-                top = {w: Logprob(-0.1 * (r + 1), rank=r + 1) for r, w in enumerate(self._words[: sp.logprobs])}
-                logprobs.append({**top, token: Logprob(chosen, rank=1 + sp.logprobs)})
+                scores = {w: -(zlib.crc32(f"{h}/{pos}/{w}".encode()) % 16 + 1) / 4 for w in set(self._words)}
+                top = sorted(scores, key=lambda w: (-scores[w], w))[: sp.logprobs]
+                entry = {w: Logprob(scores[w], rank=r + 1) for r, w in enumerate(top)}
+                entry[token] = Logprob(-((h + pos) % 7 + 1) / 4, rank=1)  # deterministic, in [-1.75, -0.25]
+                logprobs.append(entry)
         return CompletionOutput(index=index, text=text, token_ids=tokens,
                                 cumulative_logprob=sum(p[t].logprob for p, t in zip(logprobs, tokens))
                                 if logprobs is not None else None,
