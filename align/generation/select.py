@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from align.config import opt
+from align.config import DTYPE_HELP, Dtype, opt
 from align.errors import ConfigError
 from align.generation import Sampler
 from align.models.load import base_of_adapter, is_adapter, load_model, load_tokenizer, resolve_model
@@ -16,11 +16,12 @@ BACKENDS = ("auto", "hf", "vllm")
 
 @dataclass(frozen=True)
 class BackendSettings:
-    backend: str = opt("auto", "auto (vLLM when importable and a GPU is present, else hf) | hf | vllm")
-    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
-    tensor_parallel_size: int = opt(1, "vllm: GPUs to shard the model over")
-    gpu_memory_utilization: float = opt(0.85, "vllm: fraction of GPU memory the engine may take")
-    max_model_len: int = opt(2048, "vllm: longest prompt + response in tokens")
+    backend: Literal["auto", "hf", "vllm"] = opt("auto", "auto (vLLM when importable and a GPU is present, else hf)"
+                                                         " | hf | vllm")
+    dtype: Dtype = opt("auto", DTYPE_HELP)
+    tensor_parallel_size: int = opt(1, "vllm: GPUs to shard the model over", ge=1)
+    gpu_memory_utilization: float = opt(0.85, "vllm: fraction of GPU memory the engine may take", gt=0.0, le=1.0)
+    max_model_len: int = opt(2048, "vllm: longest prompt + response in tokens", ge=16)
     trust_remote_code: bool = opt(False, "allow model code from the model folder")
 
 

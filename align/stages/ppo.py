@@ -21,6 +21,7 @@ from align.config import DTYPE_HELP, Dtype, opt
 from align.data.records import PromptRecord, read_prompts
 from align.errors import ConfigError
 from align.generation import SamplingSettings
+from align.generation.select import BackendSettings
 from align.models.peft import PeftSettings
 from align.rewards import RewardSettings
 from align.rlhf.core import KLEstimator
@@ -99,6 +100,9 @@ class Config:
     shaping: ShapingSettings = opt(ShapingSettings(), "score shaping before it becomes the reward")
     critic: CriticSettings = opt(CriticSettings(), "value function")
     log: LogSettings = opt(LogSettings(), "logging and checkpoints")
+    engine: BackendSettings = opt(BackendSettings(dtype="float32"), "rollout sampler: hf (the trained model "
+                                  "itself) | vllm (an engine handed the updated adapter or weights every step) | "
+                                  "auto (vllm when installed with a GPU)")
 
     def __post_init__(self) -> None:
         """Cross-field rules, before anything loads."""
@@ -109,6 +113,9 @@ class Config:
         if p.batch_size % (p.mini_batch_size * p.grad_accum):
             raise ConfigError(f"ppo.batch_size={p.batch_size} must be a multiple of ppo.mini_batch_size × ppo.grad_accum"
                               f" = {p.mini_batch_size * p.grad_accum}")
+        if self.engine.backend == "vllm" and self.peft.method not in ("lora", "full"):
+            raise ConfigError(f"engine.backend=vllm serves plain LoRA adapters or full weights; peft.method="
+                              f"{self.peft.method} needs engine.backend=hf")
         if self.sampling.temperature <= 0 or self.sampling.top_p < 1.0:
             raise ConfigError("PPO samples from the policy it optimises: set sampling.temperature > 0 and "
                               "sampling.top_p=1.0")
@@ -155,6 +162,7 @@ def run(cfg: Config) -> Path:
     from tqdm.auto import tqdm
 
     from align.generation.hf import HFSampler
+    from align.generation.select import choose_backend
     from align.models.load import resolve_model
     from align.models.peft import count_parameters
     from align.rewards import check_reward, load_reward
@@ -219,7 +227,11 @@ def run(cfg: Config) -> Path:
     if acc.is_main_process:
         truncate_logs(run_dir, start)
     tb = SummaryWriter(str(run_dir / "tb")) if acc.is_main_process else None
-    sampler = HFSampler(actor.policy, tokenizer)
+    rollout_dir = run_dir / "rollout" / f"rank-{acc.process_index}"
+    if choose_backend(cfg.engine.backend) == "vllm" and cfg.peft.method in ("lora", "full"):
+        sampler: Any = rollout_engine(cfg, source, tokenizer, rollout_dir)
+    else:
+        sampler = HFSampler(actor.policy, tokenizer)
     bar = tqdm(total=cfg.ppo.steps, initial=start, desc="ppo", disable=not (cfg.log.progress and acc.is_main_process))
     stats: dict[str, float] = {}
 
@@ -230,6 +242,8 @@ def run(cfg: Config) -> Path:
         batch_prompts = [r.prompt for r in step_prompts(prompts, step, acc.process_index, acc.num_processes,
                                                         cfg.ppo.batch_size, cfg.seed)]
         params = dataclasses.replace(cfg.sampling, seed=cfg.seed + 1000 * step + acc.process_index)
+        if sampler.name == "vllm":
+            sync_rollout_weights(sampler, actor.policy, cfg.peft.method, rollout_dir, step)
         samples = [group[0] for group in sampler.generate(batch_prompts, params, n=1)]
         # 2. scores
         t1 = time.perf_counter()
@@ -286,7 +300,8 @@ def run(cfg: Config) -> Path:
             "value/explained_variance": float(explained_variance(old["values"], returns, mask)),
             "response/length": float(mask.sum(-1).mean()), "response/truncated": float(truncated.mean()),
             "reward/shaped_mean": float(shaped.mean()),
-            "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2}
+            "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2,
+            **sampler_mismatch(samples, old["logprobs"], mask)}
         stats = {k: float(v) for k, v in zip(local, acc.reduce(torch.tensor(list(local.values()), device=acc.device),
                                                                "mean").tolist())}
         stats |= {"reward/mean": float(all_scores.mean()), "reward/std": float(all_scores.std(unbiased=False)),
@@ -315,6 +330,54 @@ def run(cfg: Config) -> Path:
     finish(cfg, run_, actor, reference, tokenizer, source, reward_fn, stats)
     acc.wait_for_everyone()
     return run_.finish()
+
+
+def rollout_engine(cfg: Config, source: Path, tokenizer: Any, folder: Path) -> Any:
+    """A vLLM engine over the starting weights (an SFT adapter is merged into a plain folder first: vLLM's base
+    must be one); the policy's updates reach it through `sync_rollout_weights`."""
+    from align.generation.select import vllm_sampler
+    from align.models.load import is_adapter, load_model
+
+    base = source
+    if is_adapter(source):
+        base = folder / "base"
+        if not (base / "config.json").is_file():
+            load_model(source, dtype="float32", merge=True, trust_remote_code=cfg.trust_remote_code).save_pretrained(
+                base, safe_serialization=True)
+            tokenizer.save_pretrained(base)
+    lora_rank = cfg.peft.r if cfg.peft.method == "lora" else None
+    return vllm_sampler(base, tokenizer, cfg.engine, lora_rank=lora_rank, logprobs=True)
+
+
+def sync_rollout_weights(sampler: Any, policy: Any, method: str, folder: Path, step: int) -> None:
+    """Hand the current policy to the vLLM engine before a rollout: the LoRA adapter (without the value head) as a
+    new LoRA request, or, for full fine-tuning, the weights reloaded in place. Only the newest copy is kept."""
+    import shutil
+
+    out = folder / f"step-{step}"
+    if method == "full":
+        policy.save_pretrained(out, safe_serialization=True)
+        sampler.load_weights(out)
+    else:
+        policy.save_pretrained(out, selected_adapters=["default"], safe_serialization=True)
+        sampler.set_adapter(out)
+    for old in folder.glob("step-*"):
+        if old != out:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def sampler_mismatch(samples: list[Any], logprobs: Any, mask: Any) -> dict[str, float]:
+    """How far the sampler's log-probs of the sampled tokens are from the trainer's (which PPO uses): mean and
+    mean absolute difference per response token. {} when the sampler gives none (hf: they are the same model)."""
+    import torch
+
+    if not samples or samples[0].logprobs is None:
+        return {}
+    width = logprobs.shape[1]
+    sampled = torch.tensor([s.logprobs + [0.0] * (width - len(s.logprobs)) for s in samples], device=logprobs.device)
+    diff = (sampled - logprobs) * mask
+    n = mask.sum().clamp(min=1)
+    return {"sampler/logprob_diff": float(diff.sum() / n), "sampler/logprob_absdiff": float(diff.abs().sum() / n)}
 
 
 def finish(cfg: Config, run_: Any, actor: Any, reference: Any, tokenizer: Any, source: Path, reward_fn: Any,
