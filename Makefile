@@ -70,8 +70,8 @@ test-gpu: $(STAMP)
 .PHONY: gpu-check
 gpu-check:  # no install step, so it also runs on a GPU machine's own python (without .venv, without network)
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) -m align.bench.gpu_check $(ARGS)
-bench: $(STAMP)
-	$(BIN)/python -m align.bench.sft $(ARGS)
+bench: $(STAMP)  # align vs raw TRL / plain generate, A/B in one run; e.g. make bench ARGS="--steps 16 --repeats 3"
+	$(BIN)/python -m align.bench $(ARGS)
 bench-generate: $(STAMP)
 	$(BIN)/python -m align.bench.generate $(ARGS)
 lint: $(STAMP)

@@ -81,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from align.errors import AlignError
-
     from align.runs import fail_active_runs
 
     try:

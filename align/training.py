@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 
 from align.config import opt
+from align.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,16 @@ def prompt_dataset(path: str) -> Any:
     from align.data.records import read_prompts
 
     return Dataset.from_list([{"prompt": r.prompt} for r in read_prompts(path)])
+
+
+def check_online_config(stage: str, method: str, t: TrainSettings, num_generations: int) -> None:
+    """GRPO / RLOO: a PEFT method they support, and whole groups of completions in every batch."""
+    from align.models.policy import check_method
+
+    check_method(stage, method)
+    if t.batch_size * t.grad_accum % num_generations:
+        raise ConfigError(f"train.batch_size × train.grad_accum must be a multiple of online.num_generations="
+                          f"{num_generations}")
 
 
 def run_trl_online(stage: str, cfg: Any, trainer_cls: Any, config_cls: Any, algo: dict[str, Any]) -> Path:

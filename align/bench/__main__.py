@@ -135,7 +135,8 @@ class Runner:
 # ---- the rows: one function per side ----
 
 def lora(dropout: float) -> list[str]:
-    return ["peft.method=lora", "peft.r=16", "peft.alpha=32", f"peft.dropout={dropout}", "peft.target_modules=[all-linear]"]
+    return ["peft.method=lora", "peft.r=16", "peft.alpha=32", f"peft.dropout={dropout}",
+            "peft.target_modules=[all-linear]"]
 
 
 def trainer(s: Setup, batch: int) -> list[str]:
@@ -220,8 +221,8 @@ def compare(name: str, unit: str, sides: tuple[Callable[[], Measure], Callable[[
         b.append(sides[1]())
     rs = ratios(a, b)
     med = statistics.median(rs)
-    print(f"| {name} | {unit} | {statistics.median(x.value for x in a):.1f} | {statistics.median(x.value for x in b):.1f}"
-          f" | {med:.2f} | {min(rs):.2f}-{max(rs):.2f} | {max(x.rss_mb for x in a):.0f} | "
+    ours, theirs = statistics.median(x.value for x in a), statistics.median(x.value for x in b)
+    print(f"| {name} | {unit} | {ours:.1f} | {theirs:.1f} | {med:.2f} | {min(rs):.2f}-{max(rs):.2f} | {max(x.rss_mb for x in a):.0f} | "
           f"{max(x.rss_mb for x in b):.0f} |", flush=True)
     return med, a, b
 
@@ -247,6 +248,14 @@ def sft_mfu(tokens_per_second: float, metrics: dict[str, Any], peak_gflops: floa
     return tokens_per_second * flop / (peak_gflops * 1e9), flop
 
 
+def ppo_parts(rows: list[dict[str, Any]]) -> tuple[dict[str, float], float]:
+    """From metrics.jsonl rows: (median seconds per step of each `time/*` key, median of their per-step sum).
+    The keys must time disjoint parts of a step (ppo.py: generate, score, train)."""
+    keys = sorted({k for row in rows for k in row if k.startswith("time/")})
+    parts = {k.removeprefix("time/"): statistics.median(row[k] for row in rows) for k in keys}
+    return parts, statistics.median(sum(row[k] for k in keys) for row in rows)
+
+
 def ppo_row(r: Runner, s: Setup, reward_run: str | None) -> tuple[float, str]:
     """Run align ppo once; print seconds per step split by the run's `time/*` keys. (median s/step, summary)."""
     reward = [f"reward.model={reward_run}", "reward.function="] if reward_run else [f"reward.function={HOUSE_STYLE}"]
@@ -256,19 +265,16 @@ def ppo_row(r: Runner, s: Setup, reward_run: str | None) -> tuple[float, str]:
         f"sampling.max_new_tokens={s.ppo_new_tokens}", f"log.save_every={s.steps}", "log.progress=false",
         *lora(0.0)])
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    keys = sorted({k for row in rows for k in row if k.startswith("time/")})
-    parts = {k: statistics.median(row[k] for row in rows) for k in keys}
-    step_s = statistics.median(sum(row[k] for k in keys) for row in rows)
+    parts, step_s = ppo_parts(rows)
     new_tokens = statistics.median(row["response/length"] for row in rows) * s.ppo_batch
     print(f"\nPPO (align ppo, batch {s.ppo_batch}, {s.ppo_new_tokens} new tokens, {len(rows)} steps, reward: "
           f"{'the bench reward model' if reward_run else 'house-style rules function'}): {step_s:.2f} s/step "
           f"(median), {new_tokens / step_s:.1f} new tokens/s overall, peak RSS {rss:.0f} MiB")
     print("| part | s/step (median) | share |\n|---|---:|---:|")
-    for k, v in parts.items():
-        label = k.removeprefix("time/")
-        if label == "train" and not any(x in parts for x in ("time/logprobs", "time/old_ref_logprobs")):
-            label = "train (incl. old+ref log-probs: not timed apart by ppo.py)"
-        print(f"| {label} | {v:.2f} | {100 * v / sum(parts.values()):.0f}% |")
+    for name, v in parts.items():
+        if name == "train" and set(parts) == {"generate", "score", "train"}:
+            name = "train (incl. old+ref log-probs: ppo.py does not time them apart)"
+        print(f"| {name} | {v:.2f} | {100 * v / sum(parts.values()):.0f}% |")
     return step_s, f"ppo_tokens_s={new_tokens / step_s:.1f}"
 
 

@@ -24,9 +24,9 @@ import torch
 
 from align.config import DTYPE_HELP, Dtype, opt, to_dict
 from align.data.records import Message, PromptRecord, read_prompts, write_jsonl
-from align.errors import ConfigError, DataError
+from align.errors import AlignError, ConfigError, DataError
 from align.generation import Sample, SamplingSettings
-from align.runs import atomic_write_json, read_manifest, start_run
+from align.runs import atomic_write_json, resolve_input, start_run
 from align.stats import Outcome, WinRate, count_outcomes, length_controlled_win_rate, score_outcome
 
 DEFAULT_JUDGE = "align.judges.house_style:house_style_score"
@@ -342,7 +342,7 @@ def print_table(report: dict[str, Any]) -> None:
 
 def read_eval(run_dir: Path) -> dict[str, Any] | None:
     """eval.json of an eval run folder (None when absent or the run did not complete)."""
-    manifest = read_manifest(run_dir)
-    if not manifest or manifest.get("status") != "completed":
+    try:
+        return json.loads(resolve_input(run_dir, what="evaluation", stages=("eval",), outputs=("eval",)).read_text())
+    except AlignError:
         return None
-    return json.loads((Path(run_dir) / manifest["outputs"]["eval"]).read_text())

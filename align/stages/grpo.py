@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Literal
 
 from align.config import DTYPE_HELP, Dtype, opt
-from align.errors import ConfigError
 from align.models.peft import PeftSettings
 from align.rewards import RewardSettings
-from align.training import TrainSettings
+from align.training import TrainSettings, check_online_config
 
 
 @dataclass(frozen=True)
@@ -51,12 +50,7 @@ class Config:
     scale_rewards: Literal["group", "batch", "none"] = opt("group", "group (÷ group std) | batch | none (Dr. GRPO)")
 
     def __post_init__(self) -> None:  # cross-field rules, checked before anything runs
-        from align.models.policy import check_method
-
-        check_method("grpo", self.peft.method)
-        if self.train.batch_size * self.train.grad_accum % self.online.num_generations:
-            raise ConfigError(f"train.batch_size × train.grad_accum must be a multiple of online.num_generations="
-                              f"{self.online.num_generations}")
+        check_online_config("grpo", self.peft.method, self.train, self.online.num_generations)
 
 
 def run(cfg: Config) -> Path:

@@ -61,7 +61,7 @@ def token_counter(model: str) -> Measure:
     """(prompt, response) -> number of tokens of the chat-templated conversation, with `model`'s tokenizer."""
     from jinja2 import TemplateError
 
-    from align.models.load import load_tokenizer, resolve_model
+    from align.models.load import chat_ids, load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model(model))
 
@@ -69,8 +69,7 @@ def token_counter(model: str) -> Measure:
         messages = prompt + response
         if tokenizer.chat_template:
             try:
-                ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-                return len(ids["input_ids"] if isinstance(ids, dict) else ids)
+                return len(chat_ids(tokenizer, messages))
             except (TemplateError, ValueError, TypeError):
                 pass  # a template that rejects this role sequence: fall back to the plain text
         return len(tokenizer("\n".join(m["content"] for m in messages))["input_ids"])

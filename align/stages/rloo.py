@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from align.config import DTYPE_HELP, Dtype, opt
-from align.errors import ConfigError
 from align.models.peft import PeftSettings
 from align.rewards import RewardSettings
 from align.stages.grpo import DataSettings, OnlineSettings
-from align.training import TrainSettings
+from align.training import TrainSettings, check_online_config
 
 
 @dataclass(frozen=True)
@@ -34,12 +33,7 @@ class Config:
     normalize_advantages: bool = opt(False, "standardise advantages over each generated batch")
 
     def __post_init__(self) -> None:  # cross-field rules, checked before anything runs
-        from align.models.policy import check_method
-
-        check_method("rloo", self.peft.method)
-        if self.train.batch_size * self.train.grad_accum % self.online.num_generations:
-            raise ConfigError(f"train.batch_size × train.grad_accum must be a multiple of online.num_generations="
-                              f"{self.online.num_generations}")
+        check_online_config("rloo", self.peft.method, self.train, self.online.num_generations)
 
 
 def run(cfg: Config) -> Path:
