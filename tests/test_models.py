@@ -68,3 +68,22 @@ def test_trust_remote_code_is_off_by_default():
 def test_qlora_loads_4bit(tiny_model):
     model = load_model(tiny_model, dtype="float32", load_in_4bit=True)
     assert any(p.__class__.__name__ == "Params4bit" for p in model.parameters())
+
+
+def test_dtype_auto_on_cpu_follows_a_measurement_not_the_cpu_flags(monkeypatch, tmp_path) -> None:
+    import torch
+
+    from align.models import load
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # the flags say bf16 ...
+    calls = []
+    timings = {torch.float32: 0.05, torch.bfloat16: 0.12}  # ... the measurement says fp32 is faster
+    monkeypatch.setattr(load, "time_block_step", lambda dtype: calls.append(dtype) or timings[dtype])
+    assert load.pick_dtype("auto") == torch.float32
+    assert load.pick_dtype("auto") == torch.float32 and len(calls) == 2  # measured once, then remembered
+    (tmp_path / "dtype_probe.json").unlink()
+    timings[torch.bfloat16] = 0.02
+    assert load.pick_dtype("auto") == torch.bfloat16
+    assert load.pick_dtype("bfloat16") == torch.bfloat16 and load.pick_dtype("float32") == torch.float32

@@ -318,9 +318,9 @@ def prepare_inputs(r: Runner, s: Setup, need_prefs: bool) -> Inputs:
                   prompts=REPO / "data/prompts/eval.jsonl")
 
 
-def fmt(x: float, digits: int) -> str:
-    """`digits` decimals from 1 up; below 1, three significant figures (a tiny run's PPO step is < 0.1 s)."""
-    return "nan" if math.isnan(x) else f"{x:.{digits}f}" if x >= 1 else f"{x:.3g}"
+def fmt_seconds(x: float) -> str:
+    """One decimal from 1 s up; below, three significant figures (a tiny run's PPO step is ~0.1 s)."""
+    return f"{x:.1f}" if math.isnan(x) or x >= 1 else f"{x:.3g}"
 
 
 def bench(s: Setup, rows: list[str], repeats: int, work: Path) -> str:
@@ -342,7 +342,8 @@ def bench(s: Setup, rows: list[str], repeats: int, work: Path) -> str:
     reward_run: str | None = None
     notes: list[str] = []
     if any(row[0] in rows for row in table):
-        print("\n| row | unit | align | raw | ratio (median) | min-max | align peak RSS MiB | raw peak RSS MiB |\n"
+        print("\nratio = align / raw (> 1: align is faster), median over the A/B pairs"
+              "\n| row | unit | align | raw | ratio (median) | min-max | align peak RSS MiB | raw peak RSS MiB |\n"
               "|---|---|---:|---:|---:|---|---:|---:|", flush=True)
     for row, key, label, unit, a_fn, b_fn in table:
         if row not in rows:
@@ -352,6 +353,8 @@ def bench(s: Setup, rows: list[str], repeats: int, work: Path) -> str:
             mfu, flop = sft_mfu(statistics.median(x.value for x in a), a[0].detail, peak)
             raw_mfu = statistics.median(x.value for x in b) * flop / (peak * 1e9)
             extra.append(f"sft_mfu={mfu:.3f}")
+            ours = a[0].detail["train_tokens"] / a[0].detail["train_examples"]
+            notes.append(f"SFT mean tokens per training example: align {ours:.1f}, raw TRL {b[0].detail['mean_tokens']:.1f}")
             notes.append(f"SFT MFU: align {100 * mfu:.1f}%, raw TRL {100 * raw_mfu:.1f}% of the measured matmul peak "
                          f"({flop:.2e} FLOP/token = 4 x {flop / 4:,.0f} frozen parameters)")
         if row == "reward":
@@ -359,14 +362,14 @@ def bench(s: Setup, rows: list[str], repeats: int, work: Path) -> str:
         if row == "generate":
             ours, plain = a[-1].detail["generated_tokens"], b[-1].detail["new_tokens"]
             notes.append(f"generation: align {ours:.0f} vs plain {plain:.0f} new tokens in the last pair"
-                         + (" (the same seeds, so the same samples)" if ours == plain else " (the samples differ)"))
+                         + (" (equal, as the same seeds should give)" if ours == plain else " (the samples differ)"))
     print("\n".join(notes), flush=True)
     if "ppo" in rows:
         out["ppo_step_s"], tokens = ppo_row(r, s, reward_run)
         extra.append(tokens)
     if "scale" in rows:
         extra.append(f"scale_dev_pct={scale_row(r, s, d):.1f}")
-    keys = " ".join(f"{k}={fmt(v, 1 if k == 'ppo_step_s' else 2)}" for k, v in out.items())
+    keys = " ".join(f"{k}={fmt_seconds(v) if k == 'ppo_step_s' else f'{v:.2f}'}" for k, v in out.items())
     return f"bench: {keys} {' '.join(extra)}".rstrip()
 
 
