@@ -391,7 +391,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    from align.models.load import default_model_dir
+    import shutil
+
+    from align.models.load import default_model_dir, resolve_model
 
     a = parse(argv)
     work = Path(tempfile.mkdtemp(prefix="align-bench-"))
@@ -399,23 +401,18 @@ def main(argv: list[str]) -> int:
         if a.tiny:
             from align.bench.tiny import make_tiny_model
 
-            model = str(make_tiny_model(work / "tiny_model", default_model_dir()))
-            s = tiny_setup(model, a.steps or 4)
+            s = tiny_setup(str(make_tiny_model(work / "tiny_model", default_model_dir())), a.steps or 4)
         else:
-            model = str(default_model_dir() if a.model == "default" else Path(a.model).resolve())
-            s = Setup(model=model, steps=a.steps or 8)
+            s = Setup(model=str(resolve_model(a.model).resolve()), steps=a.steps or 8)
         s = dataclasses.replace(s, dtype=a.dtype, scale_examples=a.scale_examples or s.scale_examples)
         line = bench(s, a.rows.split(","), a.repeats, work)
     except AlignError as e:
-        print(f"align bench: error: {e}", file=sys.stderr)
+        print(f"align bench: error: {e}\n(run folders and logs kept in {work})", file=sys.stderr)
         return 2
-    finally:
-        if a.keep:
-            print(f"work folder kept: {work}")
-        else:
-            import shutil
-
-            shutil.rmtree(work, ignore_errors=True)
+    if a.keep:
+        print(f"work folder kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     print(line, flush=True)
     return 0
 
