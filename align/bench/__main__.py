@@ -284,9 +284,6 @@ def scale_row(r: Runner, s: Setup, d: Inputs) -> float:
     runs = []
     for k in (1, 2, 4):
         n = k * s.scale_examples
-        if n > len(lines):
-            raise AlignError(f"bench: --scale-examples {s.scale_examples} x 4 is more than the {len(lines)} examples "
-                             f"of {d.sft_train}; lower it")
         subset = d.work / f"sft_{n}.jsonl"
         subset.write_text("\n".join(lines[:n]) + "\n")
         m = sft_align(r, s, d, data=subset, epochs=True)
@@ -326,6 +323,10 @@ def fmt_seconds(x: float) -> str:
 def bench(s: Setup, rows: list[str], repeats: int, work: Path) -> str:
     import torch
 
+    available = len((REPO / "data/sft/train.jsonl").read_text().splitlines())
+    if "scale" in rows and 4 * s.scale_examples > available:
+        raise AlignError(f"bench: --scale-examples {s.scale_examples} x 4 is more than the {available} examples of "
+                         f"data/sft/train.jsonl; lower it")
     r = Runner(work)
     print(f"model {s.model}, {s.dtype}, {s.steps} steps, {repeats} A/B pair(s) per row; torch threads "
           f"{torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), both sides")
@@ -396,6 +397,11 @@ def main(argv: list[str]) -> int:
     from align.models.load import default_model_dir, resolve_model
 
     a = parse(argv)
+    try:
+        model = "" if a.tiny else str(resolve_model(a.model).resolve())
+    except AlignError as e:
+        print(f"align bench: error: {e}", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="align-bench-"))
     try:
         if a.tiny:
@@ -403,7 +409,7 @@ def main(argv: list[str]) -> int:
 
             s = tiny_setup(str(make_tiny_model(work / "tiny_model", default_model_dir())), a.steps or 4)
         else:
-            s = Setup(model=str(resolve_model(a.model).resolve()), steps=a.steps or 8)
+            s = Setup(model=model, steps=a.steps or 8)
         s = dataclasses.replace(s, dtype=a.dtype, scale_examples=a.scale_examples or s.scale_examples)
         line = bench(s, a.rows.split(","), a.repeats, work)
     except AlignError as e:
