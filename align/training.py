@@ -137,6 +137,19 @@ def check_online_config(stage: str, method: str, t: TrainSettings, num_generatio
                           f"{num_generations}")
 
 
+def vllm_kwargs(use_vllm: bool) -> dict[str, Any]:
+    """TRL's own vLLM rollouts for GRPO/RLOO: one engine in the training process ("colocate"), weights synced by
+    TRL after each optimizer step. Refused early without vllm or a GPU (TRL would fail deep inside its trainer)."""
+    if not use_vllm:
+        return {}
+    from align.generation.vllm import vllm_available
+
+    if not vllm_available():
+        raise ConfigError("online.use_vllm=true needs the vllm package and a CUDA GPU (pip install -e '.[vllm]'); "
+                          "set online.use_vllm=false to sample with transformers")
+    return {"use_vllm": True, "vllm_mode": "colocate"}
+
+
 def run_trl_online(stage: str, cfg: Any, trainer_cls: Any, config_cls: Any, algo: dict[str, Any]) -> Path:
     """GRPO and RLOO through TRL: load the policy + adapter, wrap the reward, train, save the adapter."""
     import torch
@@ -165,7 +178,7 @@ def run_trl_online(stage: str, cfg: Any, trainer_cls: Any, config_cls: Any, algo
     args = config_cls(**trainer_kwargs(cfg.train, run_.dir, seed=cfg.seed, has_eval=False), **precision_flags(dtype),
                       num_generations=o.num_generations, max_completion_length=o.max_completion_length,
                       temperature=o.temperature, beta=o.beta, epsilon=o.epsilon, num_iterations=o.num_iterations,
-                      mask_truncated_completions=o.mask_truncated_completions, **algo)
+                      mask_truncated_completions=o.mask_truncated_completions, **vllm_kwargs(o.use_vllm), **algo)
     trainer = trainer_cls(model=model, reward_funcs=[trl_reward_func(reward_fn, "reward")], args=args,
                           train_dataset=dataset, processing_class=tokenizer,
                           callbacks=callbacks(cfg.train, run_.dir, False))

@@ -68,3 +68,14 @@ def test_reward_function_errors() -> None:
 
 def not_a_number(prompt: list, response: str) -> str:
     return "high"
+
+
+def test_use_vllm_is_trls_colocated_engine_and_refused_without_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from align.training import vllm_kwargs
+
+    assert vllm_kwargs(False) == {}
+    monkeypatch.setattr("align.generation.vllm.vllm_available", lambda: False)
+    with pytest.raises(ConfigError, match="use_vllm=true needs the vllm package"):
+        vllm_kwargs(True)
+    monkeypatch.setattr("align.generation.vllm.vllm_available", lambda: True)
+    assert vllm_kwargs(True) == {"use_vllm": True, "vllm_mode": "colocate"}

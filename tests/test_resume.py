@@ -38,6 +38,7 @@ def cli_args(stage: str, tmp: Path, model: Path) -> list[str]:
                    *steps],
         "dpo": [f"policy={model}", f"data.train={prefs[0]}", f"data.validation={prefs[1]}", *steps],
         "grpo": [f"policy={model}", "reward.function=conftest:count_e", *steps],
+        "rloo": [f"policy={model}", "reward.function=conftest:count_e", *steps],
     }[stage]
 
 
@@ -66,7 +67,7 @@ def kill_after_first_checkpoint(stage: str, args: list[str], out: Path, marker: 
     assert json.loads((out / "manifest.json").read_text())["status"] == "running"  # a kill leaves it running
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "grpo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "grpo", "rloo"])
 def test_trainer_stage_resumes_exactly_after_sigkill(stage: str, tiny_model: Path, tmp_path: Path,
                                                     one_thread: None) -> None:
     args = cli_args(stage, tmp_path, tiny_model)
@@ -118,3 +119,22 @@ def test_generate_resume_refuses_a_different_k(tiny_model: Path, tmp_path: Path,
     generate.run(load_config(generate.Config, REPO / "stages/tiny/generate.yaml", [*cfg, "k=1"]))
     with pytest.raises(AlignError, match=r"k \(1 -> 3\)"):
         generate.run(load_config(generate.Config, REPO / "stages/tiny/generate.yaml", [*cfg, "k=3", "resume=true"]))
+
+
+def test_generate_resumes_after_sigkill_to_the_same_samples(tiny_model: Path, tmp_path: Path, one_thread: None) -> None:
+    args = [f"model={tiny_model}", "max_prompts=8", "chunk=1", "k=2", "sampling.max_new_tokens=8"]
+    run_cli("generate", args, tmp_path / "whole")
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "align.cli", "generate", str(REPO / "stages/tiny/generate.yaml"),
+                             *args, f"output_dir={out}"], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not ((out / "samples.jsonl").is_file() and (out / "samples.jsonl").read_bytes().count(b"\n") >= 2):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "samples.jsonl").read_bytes().count(b"\n") < 8
+    run_cli("generate", [*args, "resume=true"], out)
+    assert (out / "samples.jsonl").read_text() == (tmp_path / "whole" / "samples.jsonl").read_text()

@@ -97,7 +97,7 @@ def run_child(cmd: list[str], log: Path) -> tuple[float, float]:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        raise AlignError(f"bench: `{' '.join(cmd[1:5])} ...` failed (exit {proc.returncode}); its log {log} ends:\n"
+        raise AlignError(f"`{' '.join(cmd[1:5])} ...` failed (exit {proc.returncode}); its log {log} ends:\n"
                          f"{tail}")
     return wall, usage.ru_maxrss / 1024  # Linux: KiB
 
@@ -323,10 +323,6 @@ def fmt_seconds(x: float) -> str:
 def bench(s: Setup, rows: list[str], repeats: int, work: Path) -> str:
     import torch
 
-    available = len((REPO / "data/sft/train.jsonl").read_text().splitlines())
-    if "scale" in rows and 4 * s.scale_examples > available:
-        raise AlignError(f"bench: --scale-examples {s.scale_examples} x 4 is more than the {available} examples of "
-                         f"data/sft/train.jsonl; lower it")
     r = Runner(work)
     print(f"model {s.model}, {s.dtype}, {s.steps} steps, {repeats} A/B pair(s) per row; torch threads "
           f"{torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), both sides")
@@ -397,8 +393,14 @@ def main(argv: list[str]) -> int:
     from align.models.load import default_model_dir, resolve_model
 
     a = parse(argv)
+    rows = a.rows.split(",")
     try:
-        model = "" if a.tiny else str(resolve_model(a.model).resolve())
+        s = tiny_setup("", a.steps or 4) if a.tiny else Setup(str(resolve_model(a.model).resolve()), steps=a.steps or 8)
+        s = dataclasses.replace(s, dtype=a.dtype, scale_examples=a.scale_examples or s.scale_examples)
+        available = len((REPO / "data/sft/train.jsonl").read_text().splitlines())
+        if "scale" in rows and 4 * s.scale_examples > available:
+            raise AlignError(f"--scale-examples {s.scale_examples} x 4 is more than the {available} examples of "
+                             f"data/sft/train.jsonl; lower it")
     except AlignError as e:
         print(f"align bench: error: {e}", file=sys.stderr)
         return 2
@@ -407,11 +409,8 @@ def main(argv: list[str]) -> int:
         if a.tiny:
             from align.bench.tiny import make_tiny_model
 
-            s = tiny_setup(str(make_tiny_model(work / "tiny_model", default_model_dir())), a.steps or 4)
-        else:
-            s = Setup(model=model, steps=a.steps or 8)
-        s = dataclasses.replace(s, dtype=a.dtype, scale_examples=a.scale_examples or s.scale_examples)
-        line = bench(s, a.rows.split(","), a.repeats, work)
+            s = dataclasses.replace(s, model=str(make_tiny_model(work / "tiny_model", default_model_dir())))
+        line = bench(s, rows, a.repeats, work)
     except AlignError as e:
         print(f"align bench: error: {e}\n(run folders and logs kept in {work})", file=sys.stderr)
         return 2

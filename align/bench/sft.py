@@ -1,6 +1,6 @@
 """SFT throughput on the default model: tokens/s for fp32 vs bf16 (LoRA), measured in one run.
 
-    python -m align.bench.sft [steps=6] [batch_size=8]       (make bench)
+    python -m align.bench.sft [steps=6] [batch_size=8]       (make bench compares align with raw TRL instead)
 
 Prints a table and the bf16/fp32 ratio. Numbers depend on the machine and on what else runs; compare ratios.
 """

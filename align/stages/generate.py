@@ -94,6 +94,7 @@ def run(cfg: Config) -> Path:
     records = read_prompts(cfg.prompts)
     if cfg.max_prompts > 0:
         records = records[: cfg.max_prompts]
+    resolve_model(cfg.model)  # a bad model fails here, before the run folder exists
     run_ = start_run("generate", cfg, resume=cfg.resume)
     run_.add_input(cfg.prompts)
     out = run_.dir / SAMPLES

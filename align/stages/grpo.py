@@ -26,6 +26,8 @@ class OnlineSettings:
     epsilon: float = opt(0.2, "ratio clip ε", gt=0.0)
     num_iterations: int = opt(1, "optimisation passes per generated batch (μ)", ge=1)
     mask_truncated_completions: bool = opt(False, "leave completions cut at max_completion_length out of the loss")
+    use_vllm: bool = opt(False, "sample the groups with vLLM (TRL's colocated engine; a CUDA GPU with vllm "
+                                "installed), which TRL hands the updated weights each step")
 
 
 @dataclass(frozen=True)
