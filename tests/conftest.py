@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from align.bench.tiny import make_tiny_model
+
 
 @pytest.fixture(scope="session")
 def default_dir() -> Path:
@@ -22,23 +24,6 @@ def tokenizer_dir(default_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
     out = tmp_path_factory.mktemp("tokenizer")
     AutoTokenizer.from_pretrained(default_dir).save_pretrained(out)
-    return out
-
-
-def make_tiny_model(out: Path, tokenizer_dir: Path, *, seed: int = 0, bias: bool = False) -> Path:
-    """A 2-layer Llama with random weights and the SmolLM2 tokenizer/chat template, saved as safetensors."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, attention_bias=bias, mlp_bias=bias,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
     return out
 
 

@@ -272,8 +272,6 @@ def ppo_row(r: Runner, s: Setup, reward_run: str | None) -> tuple[float, str]:
           f"(median), {new_tokens / step_s:.1f} new tokens/s overall, peak RSS {rss:.0f} MiB")
     print("| part | s/step (median) | share |\n|---|---:|---:|")
     for name, v in parts.items():
-        if name == "train" and set(parts) == {"generate", "score", "train"}:
-            name = "train (incl. old+ref log-probs: ppo.py does not time them apart)"
         print(f"| {name} | {v:.2f} | {100 * v / sum(parts.values()):.0f}% |")
     return step_s, f"ppo_tokens_s={new_tokens / step_s:.1f}"
 

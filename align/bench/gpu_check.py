@@ -90,18 +90,9 @@ def build_tokenizer(out: Path) -> Path:
 
 def build_model(out: Path, tokenizer_dir: Path, seed: int) -> Path:
     """A 2-layer Llama with random weights (head_dim 64, which every attention kernel accepts)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from align.bench.tiny import make_tiny_model
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    return make_tiny_model(out, tokenizer_dir, seed=seed, hidden=128, heads=2, kv_heads=2)
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:

@@ -261,6 +261,7 @@ def run(cfg: Config) -> Path:
         mask = rollout.response_mask
         old = score_rollout(actor, reference, rollout, chunk=cfg.ppo.mini_batch_size,
                             temperature=cfg.sampling.temperature)
+        t_logprobs = time.perf_counter()
 
         # 4. per-token rewards: −β·KL everywhere, plus the (shaped) score on the last response token
         kl = kl_penalty(old["logprobs"], old["ref_logprobs"], cfg.kl.estimator) * mask
@@ -290,7 +291,7 @@ def run(cfg: Config) -> Path:
                 approx_kl = masked_mean(kl_penalty(logprobs.detach(), old["logprobs"][idx], "k2"), mask[idx])
                 for k, v in zip(losses, (pg_loss, vf_loss, clipfrac, approx_kl)):
                     losses[k].append(v.item())
-        t3 = time.perf_counter()  # time/train includes the log-prob/value passes of step 3
+        t3 = time.perf_counter()
 
         # 6. KL controller, metrics (averaged over processes), samples, checkpoint
         seq_kl = acc.gather((kl_penalty(old["logprobs"], old["ref_logprobs"], "k1") * mask).sum(-1)).mean()
@@ -300,7 +301,8 @@ def run(cfg: Config) -> Path:
             "value/explained_variance": float(explained_variance(old["values"], returns, mask)),
             "response/length": float(mask.sum(-1).mean()), "response/truncated": float(truncated.mean()),
             "reward/shaped_mean": float(shaped.mean()),
-            "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2,
+            "time/generate": t1 - t0, "time/score": t2 - t1, "time/logprobs": t_logprobs - t2,
+            "time/train": t3 - t_logprobs,
             **sampler_mismatch(samples, old["logprobs"], mask)}
         stats = {k: float(v) for k, v in zip(local, acc.reduce(torch.tensor(list(local.values()), device=acc.device),
                                                                "mean").tolist())}
