@@ -186,3 +186,22 @@ def test_running_moments():
     m.update(t([4.0, 5.0]))  # all of 1..5: mean 3, variance 2
     assert (m.mean, m.var, m.count) == (pytest.approx(3.0), pytest.approx(2.0), 5)
     assert m.std == pytest.approx(math.sqrt(2))
+
+
+def test_token_rewards_put_the_score_on_the_last_token_and_minus_beta_kl_everywhere() -> None:
+    from align.rlhf.core import token_rewards
+
+    kl = torch.tensor([[0.2, -0.1, 0.4], [0.3, 0.5, 0.0]])  # already zero past each response's end
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    out = token_rewards(torch.tensor([2.0, -1.0]), kl, mask, beta=0.5)
+    # row 0: -0.5*[0.2, -0.1, 0.4] + [0, 0, 2]; row 1 ends at token 1: -0.5*[0.3, 0.5, 0] + [0, -1, 0]
+    assert torch.allclose(out, torch.tensor([[-0.1, 0.05, 1.8], [-0.15, -1.25, 0.0]]))
+
+
+def test_shape_scores_penalise_cut_answers_then_normalise_then_clip() -> None:
+    from align.rlhf.core import shape_scores
+
+    scores, cut = torch.tensor([1.0, 3.0, -4.0]), torch.tensor([0.0, 1.0, 0.0])
+    assert torch.allclose(shape_scores(scores, cut, 0.5, 0.0), torch.tensor([1.0, 2.5, -4.0]))
+    # (x - 1) / 2 with the running moments (mean 1, std 2), then clipped to [-1, 1]
+    assert torch.allclose(shape_scores(scores, cut, 0.5, 1.0, (1.0, 2.0)), torch.tensor([0.0, 0.75, -1.0]))

@@ -176,7 +176,7 @@ def plan(cfg: Config) -> list[PlannedStep]:
         if "seed" in keys:
             base["seed"] = cfg.seed
         step = PlannedStep(name=name, stage=name, config_cls=config_cls, run=run_fn,
-                           recipe=recipe_for(cfg, name, name) if name != "preferences" else None,
+                           recipe=recipe_for(cfg, name, name),
                            overrides=flatten(base) + flatten(cfg.steps.get(name, Step()).overrides),
                            dir=root / name, always=name == "report")
         try:  # every step's config is built now: a typo in steps.dpo.overrides fails before SFT starts
