@@ -84,6 +84,26 @@ def trainer_kwargs(t: TrainSettings, run_dir: Path, *, seed: int, has_eval: bool
     return kwargs
 
 
+def padding_free_matches(model: Any, rows: list[dict[str, Any]]) -> bool:
+    """Does `model` give the same loss on `rows` (input_ids + labels) packed into one row with position_ids as on
+    the padded batch? True where its attention keeps packed sequences apart (transformers' sdpa/eager masks read
+    the boundaries from position_ids, flash-attention its varlen kernel); checked, not assumed, per model."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    device = next(model.parameters()).device
+    batches = [DataCollatorForLanguageModeling(pad_token_id=0, padding_free=free)(rows) for free in (True, False)]
+    was_training = model.training
+    model.eval()  # no dropout: the two forwards must be comparable
+    try:
+        with torch.no_grad():
+            losses = [model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()},
+                            use_cache=False).loss.float() for b in batches]
+    finally:
+        model.train(was_training)
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 2e-2
+    return bool(torch.isclose(losses[0], losses[1], rtol=tolerance, atol=tolerance))
+
+
 def callbacks(t: TrainSettings, run_dir: Path, has_eval: bool) -> list[Any]:
     from torch.utils.tensorboard import SummaryWriter
     from transformers import EarlyStoppingCallback

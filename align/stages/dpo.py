@@ -109,6 +109,7 @@ def run(cfg: Config) -> Path:
     import torch
     from trl import DPOConfig, DPOTrainer
 
+    from align.models.lm_head import compact_lm_head
     from align.models.load import pick_dtype, resolve_model
     from align.models.peft import count_parameters
     from align.models.policy import load_policy, save_policy
@@ -150,6 +151,10 @@ def run(cfg: Config) -> Path:
                      label_smoothing=cfg.dpo.label_smoothing, max_length=cfg.data.max_length)
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                          processing_class=tokenizer, callbacks=callbacks(cfg.train, run_.dir, val_ds is not None))
+    fast_reference(trainer)
+    compact_lm_head(trainer.model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    if trainer.ref_model is not None:
+        compact_lm_head(trainer.ref_model)
     # No evaluation before training: with a fresh adapter the policy IS the reference, so every implicit reward
     # is 0, the sigmoid loss is ln 2 and the accuracy 0 (ties) — known without a pass over the validation set.
     trainer.train(resume_from_checkpoint=last_checkpoint(run_.dir) if cfg.resume else None)
@@ -173,6 +178,15 @@ def run(cfg: Config) -> Path:
               f"{after.get('eval_rewards/margins', float('nan')):.3f}", flush=True)
     print(f"dpo: model saved to {out}", flush=True)
     return run_.finish()
+
+
+def fast_reference(trainer: Any) -> None:
+    """TRL copies a PEFT model's adapter into a frozen "ref" adapter and runs it for every reference pass. Our
+    adapter is always fresh (`load_policy`), an identity at init, so the adapter-disabled model is the same
+    reference without the adapter's compute: TRL uses that when there is no "ref" adapter."""
+    model = trainer.model
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
 
 
 def held_out_check(cfg: Config, run_: Any, model: Any, reference: Any, tokenizer: Any) -> None:

@@ -13,8 +13,11 @@ from typing import Any, Literal
 from align.config import DTYPE_HELP, Dtype, opt
 from align.data.records import Message, SFTExample, read_sft
 from align.errors import DataError
+from align.models.lm_head import compact_lm_head
 from align.models.load import chat_ids, load_tokenizer, pick_dtype, resolve_model
 from align.models.peft import (
+    ADAPTER_METHODS,
+    MERGEABLE_METHODS,
     PeftSettings,
     adalora_callback,
     changed_tensors,
@@ -28,6 +31,7 @@ from align.training import (
     callbacks,
     history_metrics,
     last_checkpoint,
+    padding_free_matches,
     precision_flags,
     total_steps,
     trainer_kwargs,
@@ -42,6 +46,8 @@ class DataSettings:
     max_length: int = opt(512, "max tokens per example; longer examples are an error (or dropped, see on_too_long)", ge=8)
     on_too_long: Literal["error", "drop"] = opt("error", "error | drop: what to do with examples longer than max_length")
     loss_on: Literal["assistant", "all"] = opt("assistant", "assistant (loss on assistant tokens only) | all (every token)")
+    padding_free: bool = opt(True, "pack each batch into one row with position_ids (no compute on padding); used "
+                                   "only where a check on two examples gives the padded loss (else padded batches)")
 
 
 @dataclass(frozen=True)
@@ -147,12 +153,15 @@ def run(cfg: Config) -> Path:
     print(f"peft.method={cfg.peft.method}: training {trained_what} — {trainable:,} of {total:,} parameters "
           f"({100 * trainable / total:.3f}%)", flush=True)
 
+    free = use_padding_free(cfg, model, train_ds)
+    # Lengths were checked above (data.max_length); padding-free batches are not truncated again by TRL.
     args = SFTConfig(**trainer_kwargs(cfg.train, run_.dir, seed=cfg.seed, has_eval=True),
-                     **precision_flags(dtype), max_length=cfg.data.max_length,
-                     neftune_noise_alpha=cfg.neftune_noise_alpha or None, packing=False)
+                     **precision_flags(dtype), max_length=None if free else cfg.data.max_length,
+                     neftune_noise_alpha=cfg.neftune_noise_alpha or None, packing=False, padding_free=free)
     extra = [adalora_callback(model)] if cfg.peft.method == "adalora" else []
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                          processing_class=tokenizer, callbacks=callbacks(cfg.train, run_.dir, True) + extra)
+    compact_lm_head(trainer.model, outputs=("log_probs", "entropy", "is_top1"))
     before = trainer.evaluate()["eval_loss"]
     checksums = param_checksums(trainer.model)
     trainer.train(resume_from_checkpoint=last_checkpoint(run_.dir) if cfg.resume else None)
@@ -173,6 +182,21 @@ def run(cfg: Config) -> Path:
     run_.extra["peft"] = {"method": cfg.peft.method, "trained": trained_what, "adapter": METHODS[cfg.peft.method].adapter}
     print(f"validation loss {before:.4f} -> {after:.4f}; model saved to {out}", flush=True)
     return run_.finish()
+
+
+def use_padding_free(cfg: Config, model: Any, dataset: Any) -> bool:
+    """Padding-free batches when asked for and exact here: not with prompt-learning methods (their virtual tokens
+    open each row) or NEFTune (its noise scales with the row length), and only if the model's attention keeps the
+    packed sequences apart (`padding_free_matches`); says so when it falls back to padded batches."""
+    if not cfg.data.padding_free:
+        return False
+    why = ("peft.method=" + cfg.peft.method if cfg.peft.method in ADAPTER_METHODS - MERGEABLE_METHODS
+           else "neftune_noise_alpha > 0" if cfg.neftune_noise_alpha else "")
+    if not why and not padding_free_matches(model, [dataset[i] for i in range(min(3, len(dataset)))]):
+        why = "this model's attention ignores sequence boundaries in a packed row"
+    if why:
+        print(f"sft: padded batches ({why}); data.padding_free=false silences this", flush=True)
+    return not why
 
 
 def probe_logits(model: Any, input_ids: list[int]) -> dict[str, Any]:
