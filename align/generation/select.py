@@ -9,7 +9,7 @@ from typing import Any, Literal
 from align.config import DTYPE_HELP, Dtype, opt
 from align.errors import ConfigError
 from align.generation import Sampler
-from align.models.load import base_of_adapter, is_adapter, load_model, load_tokenizer, resolve_model
+from align.models.load import base_of_adapter, is_adapter, load_model, load_tokenizer, pick_dtype, resolve_model
 
 BACKENDS = ("auto", "hf", "vllm")
 
@@ -55,7 +55,8 @@ def build_sampler(model: str | Path, settings: BackendSettings = BackendSettings
 
     from align.generation.hf import HFSampler
 
-    hf_model = load_model(path, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code, merge=True)
+    dtype = str(pick_dtype(settings.dtype, use="decode")).removeprefix("torch.")  # auto: what samples faster here
+    hf_model = load_model(path, dtype=dtype, trust_remote_code=settings.trust_remote_code, merge=True)
     if torch.cuda.is_available():
         hf_model = hf_model.to("cuda")
     return HFSampler(hf_model, tokenizer)

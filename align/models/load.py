@@ -93,10 +93,11 @@ def check_safetensors(folder: Path) -> None:
             f".save_pretrained('{folder}-safetensors')\" and use {folder}-safetensors")
 
 
-def pick_dtype(name: str) -> torch.dtype:
+def pick_dtype(name: str, use: str = "train") -> torch.dtype:
     """'auto' -> bf16 on a CUDA GPU that has it (else fp16); on a CPU, bf16 only where it measured faster than fp32
-    on this machine (`cpu_bf16_is_faster`): CPU flags alone mislead (this project's 2-core CPU reports
-    AVX512-BF16, yet LoRA training of the default model ran at half the speed in bf16)."""
+    on this machine for `use` ('train': LoRA training; 'decode': sampling, which streams every weight once per new
+    token): CPU flags alone mislead (this project's 2-core CPU reports AVX512-BF16, yet LoRA training of the
+    default model ran at half the speed in bf16, while sampling ran 2.2x faster in bf16)."""
     if name != "auto":
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16}[name]
@@ -104,7 +105,7 @@ def pick_dtype(name: str) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.float32
-    return torch.bfloat16 if cpu_bf16_is_faster() else torch.float32
+    return torch.bfloat16 if cpu_bf16_is_faster(use) else torch.float32
 
 
 def time_block_step(dtype: torch.dtype, repeats: int = 3) -> float:
@@ -112,48 +113,73 @@ def time_block_step(dtype: torch.dtype, repeats: int = 3) -> float:
     adapter (width 576, batch 8 x 64 tokens, like the default model's layers) under CPU autocast to `dtype` (fp32:
     no autocast). Frozen weights matter: on this project's CPU a trainable block ran 2x faster in bf16 but a
     frozen block + adapter (what LoRA trains) 2.2x slower, which is what end-to-end LoRA training showed."""
-    import time
-
     torch.manual_seed(0)
     block = torch.nn.TransformerEncoderLayer(d_model=576, nhead=9, dim_feedforward=1536, batch_first=True)
     block.requires_grad_(False)
     down, up = torch.nn.Linear(576, 16, bias=False), torch.nn.Linear(16, 576, bias=False)
     x = torch.randn(8, 64, 576)
-    best = float("inf")
-    for i in range(repeats + 1):  # the first run warms up
-        t0 = time.perf_counter()
+
+    def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = block(x + up(down(x))).float().pow(2).mean()
         loss.backward()
+
+    return best_time(step, repeats)
+
+
+def time_decode_step(dtype: torch.dtype, repeats: int = 3) -> float:
+    """Best-of-`repeats` seconds of one decoding step's matmuls: 8 rows through ~130M weights in `dtype` (the
+    default model's size), no gradient. Decoding is bound by reading the weights, so their width decides."""
+    weights = [torch.full((8192, 2048) if i % 2 == 0 else (2048, 8192), 0.01, dtype=dtype) for i in range(8)]
+    x = torch.full((8, 2048), 0.01, dtype=dtype)
+
+    def step() -> None:
+        with torch.no_grad():
+            h = x
+            for w in weights:
+                h = torch.nn.functional.linear(h, w)
+
+    return best_time(step, repeats)
+
+
+def best_time(step: Any, repeats: int) -> float:
+    import time
+
+    best = float("inf")
+    for i in range(repeats + 1):  # the first run warms up
+        t0 = time.perf_counter()
+        step()
         if i:
             best = min(best, time.perf_counter() - t0)
     return best
 
 
-def cpu_bf16_is_faster() -> bool:
-    """Whether bf16 autocast beat fp32 on a transformer block here: measured once per CPU model and torch version
-    (about a second) and remembered in <cache>/dtype_probe.json."""
+def cpu_bf16_is_faster(use: str = "train") -> bool:
+    """Whether bf16 beat fp32 here for `use` ('train': a LoRA block step, `time_block_step`; 'decode':
+    `time_decode_step`): measured once per CPU model, torch version and thread count (about a second) and
+    remembered in <cache>/dtype_probe.json."""
     import platform
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else \
         platform.processor()
-    key = f"{cpu} | torch {torch.__version__} | threads {torch.get_num_threads()} | lora block v2"
+    probe = {"train": ("lora block v2", time_block_step), "decode": ("decode v1", time_decode_step)}[use]
+    key = f"{cpu} | torch {torch.__version__} | threads {torch.get_num_threads()} | {probe[0]}"
     path = cache_root() / "dtype_probe.json"
     try:
         known = json.loads(path.read_text()) if path.is_file() else {}
     except (json.JSONDecodeError, OSError):
         known = {}
     if key not in known:
-        fp32, bf16 = time_block_step(torch.float32), time_block_step(torch.bfloat16)
+        fp32, bf16 = probe[1](torch.float32), probe[1](torch.bfloat16)
         known[key] = {"float32_s": fp32, "bfloat16_s": bf16, "bf16_faster": bf16 < fp32}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(known, indent=2))
         except OSError:
             pass  # a read-only cache only costs the probe again next time
-        print(f"dtype=auto: measured a transformer block step on this CPU: fp32 {fp32 * 1000:.0f} ms, bf16 "
-              f"{bf16 * 1000:.0f} ms -> {'bfloat16' if bf16 < fp32 else 'float32'}", flush=True)
+        print(f"dtype=auto ({use}): measured on this CPU: fp32 {fp32 * 1000:.0f} ms, bf16 {bf16 * 1000:.0f} ms -> "
+              f"{'bfloat16' if bf16 < fp32 else 'float32'}", flush=True)
     return bool(known[key]["bf16_faster"])
 
 

@@ -121,27 +121,72 @@ def reference_policy(policy: nn.Module, reference: nn.Module | None) -> Iterator
             yield policy
 
 
-@torch.no_grad()
 def score_rollout(model: ActorCritic, reference: nn.Module | None, rollout: Rollout, *, chunk: int,
-                  temperature: float = 1.0) -> dict[str, Tensor]:
+                  temperature: float = 1.0, first: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
     """Old log-probs, values, reference log-probs and entropy of a rollout, `chunk` rows per forward pass.
 
     Logits are divided by the sampling temperature, so log-probs are those of the distribution sampled from.
+    `first`: the (logits, values) of a training forward over the whole rollout under the unchanged policy
+    (`reuse_first_pass`); its numbers are the old ones, so only the reference forward runs here.
     Returns tensors [B, R]: logprobs, values, ref_logprobs, entropy.
     """
     parts: dict[str, list[Tensor]] = {"logprobs": [], "values": [], "ref_logprobs": [], "entropy": []}
     R = rollout.response_width
-    for start in range(0, rollout.input_ids.shape[0], chunk):
-        mb = rollout.rows(slice(start, start + chunk))
-        logits, values = model(mb.input_ids, mb.attention_mask, mb.position_ids, R)
-        logits = logits / temperature
-        parts["logprobs"].append(logprobs_from_logits(logits, mb.response_ids))
-        parts["entropy"].append(entropy(logits))
-        parts["values"].append(values)
-        with reference_policy(model.policy, reference) as ref:
-            ref_logits = response_logits(ref, mb)
-        parts["ref_logprobs"].append(logprobs_from_logits(ref_logits / temperature, mb.response_ids))
+    with torch.no_grad():
+        for start in range(0, rollout.input_ids.shape[0], chunk):
+            mb = rollout.rows(slice(start, start + chunk))
+            if first is None:
+                logits, values = model(mb.input_ids, mb.attention_mask, mb.position_ids, R)
+            else:
+                logits, values = (x.detach()[start:start + chunk] for x in first)
+            logits = logits / temperature
+            parts["logprobs"].append(logprobs_from_logits(logits, mb.response_ids))
+            parts["entropy"].append(entropy(logits))
+            parts["values"].append(values)
+            with reference_policy(model.policy, reference) as ref:
+                ref_logits = response_logits(ref, mb)
+            parts["ref_logprobs"].append(logprobs_from_logits(ref_logits / temperature, mb.response_ids))
     return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def reuse_first_pass(model: nn.Module, rows: int, mini_batch_size: int, grad_accum: int) -> bool:
+    """Can the first PPO minibatch's forward also give the old log-probs and values? Yes when that minibatch is the
+    whole rollout and is stepped on its own (so nothing has been updated before it) and no dropout is active (so
+    the training forward computes exactly what a separate no-grad pass would): one forward pass fewer per step."""
+    dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+    return rows <= mini_batch_size and grad_accum == 1 and not (dropout and model.training)
+
+
+def rollout_copy(policy: nn.Module, method: str, dtype: torch.dtype) -> nn.Module | None:
+    """A frozen copy of `policy` in `dtype` with a LoRA adapter folded in, to sample rollouts from when sampling in
+    that dtype is faster than in the training dtype (a CPU streams every weight once per new token: bf16 halves
+    that). None when there is nothing to gain (same dtype) or no exact way to refresh it (methods other than
+    lora and full): the policy itself is sampled. `sync_rollout_copy` refreshes it before every rollout."""
+    train_dtype = next(p.dtype for p in policy.parameters() if p.is_floating_point())
+    if dtype == train_dtype or method not in ("lora", "full"):
+        return None
+    import copy
+
+    clone = copy.deepcopy(policy)
+    if method == "lora":
+        clone = clone.merge_and_unload()
+    return clone.to(dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def sync_rollout_copy(clone: nn.Module, policy: nn.Module, method: str) -> None:
+    """Write the policy's current weights into its rollout copy: every LoRA-adapted weight as W + ΔW, computed in
+    the training dtype from the untouched base (no merge/unmerge drift), or every weight for full fine-tuning."""
+    if method == "full":
+        for (name, target), (_, source) in zip(clone.named_parameters(), policy.named_parameters(), strict=True):
+            target.copy_(source)
+        return
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in policy.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            merged = module.get_base_layer().weight + module.get_delta_weight("default")
+            clone.get_submodule(name.removeprefix("base_model.model.")).weight.copy_(merged)
 
 
 def response_logits(model: nn.Module, rollout: Rollout) -> Tensor:

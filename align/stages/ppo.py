@@ -100,9 +100,11 @@ class Config:
     shaping: ShapingSettings = opt(ShapingSettings(), "score shaping before it becomes the reward")
     critic: CriticSettings = opt(CriticSettings(), "value function")
     log: LogSettings = opt(LogSettings(), "logging and checkpoints")
-    engine: BackendSettings = opt(BackendSettings(dtype="float32"), "rollout sampler: hf (the trained model "
-                                  "itself) | vllm (an engine handed the updated adapter or weights every step) | "
-                                  "auto (vllm when installed with a GPU)")
+    engine: BackendSettings = opt(BackendSettings(), "rollout sampler: hf (the trained model itself, or a copy "
+                                  "refreshed every step when engine.dtype differs from dtype: auto on a CPU = bf16 "
+                                  "where measured faster; float32 samples the exact policy) | vllm (an engine "
+                                  "handed the updated adapter or weights every step) | auto (vllm when installed "
+                                  "with a GPU)")
 
     def __post_init__(self) -> None:
         """Cross-field rules, before anything loads."""
@@ -163,7 +165,7 @@ def run(cfg: Config) -> Path:
 
     from align.generation.hf import HFSampler
     from align.generation.select import choose_backend
-    from align.models.load import resolve_model
+    from align.models.load import pick_dtype, resolve_model
     from align.models.peft import count_parameters
     from align.rewards import check_reward, load_reward
     from align.rlhf import checkpoint as ckpt
@@ -181,7 +183,16 @@ def run(cfg: Config) -> Path:
         value_loss,
         whiten,
     )
-    from align.rlhf.policy import ActorCritic, collate, load_trainable_state, score_rollout, trainable_state
+    from align.rlhf.policy import (
+        ActorCritic,
+        collate,
+        load_trainable_state,
+        reuse_first_pass,
+        rollout_copy,
+        score_rollout,
+        sync_rollout_copy,
+        trainable_state,
+    )
     from align.runs import start_run
 
     # cpu=True without CUDA: under torchrun/accelerate launch that selects gloo DDP across CPU processes.
@@ -230,8 +241,9 @@ def run(cfg: Config) -> Path:
     rollout_dir = run_dir / "rollout" / f"rank-{acc.process_index}"
     if choose_backend(cfg.engine.backend) == "vllm" and cfg.peft.method in ("lora", "full"):
         sampler: Any = rollout_engine(cfg, source, tokenizer, rollout_dir)
-    else:
-        sampler = HFSampler(actor.policy, tokenizer)
+    else:  # sampled from the policy itself, or from a copy in a faster dtype (engine.dtype=auto on a CPU: bf16)
+        clone = rollout_copy(actor.policy, cfg.peft.method, pick_dtype(cfg.engine.dtype, use="decode"))
+        sampler = HFSampler(clone if clone is not None else actor.policy, tokenizer)
     bar = tqdm(total=cfg.ppo.steps, initial=start, desc="ppo", disable=not (cfg.log.progress and acc.is_main_process))
     stats: dict[str, float] = {}
 
@@ -244,6 +256,8 @@ def run(cfg: Config) -> Path:
         params = dataclasses.replace(cfg.sampling, seed=cfg.seed + 1000 * step + acc.process_index)
         if sampler.name == "vllm":
             sync_rollout_weights(sampler, actor.policy, cfg.peft.method, rollout_dir, step)
+        elif sampler.model is not actor.policy:
+            sync_rollout_copy(sampler.model, actor.policy, cfg.peft.method)
         samples = [group[0] for group in sampler.generate(batch_prompts, params, n=1)]
         # 2. scores
         t1 = time.perf_counter()
@@ -259,8 +273,11 @@ def run(cfg: Config) -> Path:
         # 3. old log-probs, values and reference log-probs under the sampling policy
         rollout = collate(samples, tokenizer.pad_token_id).to(acc.device)
         mask = rollout.response_mask
+        # One minibatch and no dropout: the first training forward is also the old-policy pass (kept for step 5).
+        first = (model(rollout.input_ids, rollout.attention_mask, rollout.position_ids, rollout.response_width)
+                 if reuse_first_pass(model, len(samples), cfg.ppo.mini_batch_size, cfg.ppo.grad_accum) else None)
         old = score_rollout(actor, reference, rollout, chunk=cfg.ppo.mini_batch_size,
-                            temperature=cfg.sampling.temperature)
+                            temperature=cfg.sampling.temperature, first=first)
         t_logprobs = time.perf_counter()
 
         # 4. per-token rewards: −β·KL everywhere, plus the (shaped) score on the last response token
@@ -274,11 +291,14 @@ def run(cfg: Config) -> Path:
         losses: dict[str, list[float]] = {"loss/policy": [], "loss/value": [], "policy/clipfrac": [],
                                           "policy/approx_kl": []}
         order = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        for _ in range(cfg.ppo.epochs):
+        for epoch in range(cfg.ppo.epochs):
             for idx in torch.randperm(len(samples), generator=order).split(cfg.ppo.mini_batch_size):
                 mb = rollout.rows(idx.to(acc.device))
                 with acc.accumulate(model):
-                    logits, values = model(mb.input_ids, mb.attention_mask, mb.position_ids, mb.response_width)
+                    if epoch == 0 and first is not None:  # the whole rollout, reordered: rows of that forward
+                        logits, values = first[0][idx.to(acc.device)], first[1][idx.to(acc.device)]
+                    else:
+                        logits, values = model(mb.input_ids, mb.attention_mask, mb.position_ids, mb.response_width)
                     logprobs = logprobs_from_logits(logits / cfg.sampling.temperature, mb.response_ids)
                     pg_loss, clipfrac = policy_loss(logprobs, old["logprobs"][idx], advantages[idx], mask[idx],
                                                     cfg.ppo.clip_range)

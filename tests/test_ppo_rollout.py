@@ -1,0 +1,139 @@
+"""PPO speed-ups that must not change the math: the first training forward reused as the old-policy pass, the
+rollout copy in a faster dtype (refreshed exactly from the trained adapter), and the decode dtype probe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.config import load_config
+from align.rlhf import policy as rl_policy
+from align.stages import ppo
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "stages" / "tiny" / "ppo.yaml"
+
+
+def count_blue(prompt: list, response: str) -> float:
+    return response.count("blue") / 12
+
+
+def run_ppo(policy: Path, out: Path, *overrides: str) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    cfg = load_config(ppo.Config, TINY, [f"policy={policy}", f"output_dir={out}", "reward.function=test_ppo_rollout:count_blue",
+                                         "ppo.steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=8", "data.eval_size=0",
+                                         "log.save_every=2", *overrides])
+    run_dir = ppo.run(cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return rows, load_file(run_dir / "model" / "adapter_model.safetensors")
+
+
+def test_reusing_the_first_training_forward_changes_nothing(toy_policy: Path, tmp_path: Path, one_thread: None,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """One minibatch per epoch: the old log-probs/values come from the first training forward. The run must equal
+    one that computes them in a separate no-grad pass (the losses, KL and the trained adapter)."""
+    calls = []
+    real = rl_policy.reuse_first_pass
+    monkeypatch.setattr(rl_policy, "reuse_first_pass", lambda *a: calls.append(real(*a)) or calls[-1])
+    fast_rows, fast = run_ppo(toy_policy, tmp_path / "fast", "engine.dtype=float32")
+    assert calls == [True, True]
+    monkeypatch.setattr(rl_policy, "reuse_first_pass", lambda *a: False)
+    slow_rows, slow = run_ppo(toy_policy, tmp_path / "slow", "engine.dtype=float32")
+    for key in ("loss/policy", "loss/value", "kl/ref", "policy/clipfrac", "entropy", "reward/mean"):
+        assert [r[key] for r in fast_rows] == pytest.approx([r[key] for r in slow_rows], rel=1e-4, abs=1e-6), key
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-6)
+    assert any(w.abs().sum() > 0 for k, w in fast.items() if "lora_B" in k)  # it did train
+
+
+def test_reuse_only_where_exact() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.0))
+    assert rl_policy.reuse_first_pass(model, rows=8, mini_batch_size=8, grad_accum=1)
+    assert not rl_policy.reuse_first_pass(model, rows=16, mini_batch_size=8, grad_accum=1)  # later minibatches
+    assert not rl_policy.reuse_first_pass(model, rows=8, mini_batch_size=8, grad_accum=2)
+    noisy = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)).train()
+    assert not rl_policy.reuse_first_pass(noisy, rows=8, mini_batch_size=8, grad_accum=1)
+    assert rl_policy.reuse_first_pass(noisy.eval(), rows=8, mini_batch_size=8, grad_accum=1)
+
+
+def lora_policy(tiny_model: Path) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return policy
+
+
+def test_rollout_copy_follows_the_trained_adapter_exactly(tiny_model: Path) -> None:
+    """The copy is the merged policy; after the adapter moves, `sync_rollout_copy` brings it to the new weights
+    (checked in float64, where the copy's logits must equal the fp32 policy's)."""
+    policy = lora_policy(tiny_model)
+    assert rl_policy.rollout_copy(policy, "lora", torch.float32) is None  # same dtype: sample the policy itself
+    assert rl_policy.rollout_copy(policy, "dora", torch.bfloat16) is None  # no exact refresh for DoRA
+    clone = rl_policy.rollout_copy(policy, "lora", torch.float64)
+    assert clone is not None and not any(p.requires_grad for p in clone.parameters())
+    assert not any("lora" in n for n, _ in clone.named_parameters())
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+
+    def logits(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=ids).logits.double()
+
+    torch.testing.assert_close(logits(clone), logits(policy), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # a training step moves the adapter
+        for name, p in policy.named_parameters():
+            if "lora_" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name) + 1)))
+    stale = logits(clone)
+    assert (stale - logits(policy)).abs().max() > 1e-2
+    rl_policy.sync_rollout_copy(clone, policy, "lora")
+    torch.testing.assert_close(logits(clone), logits(policy), rtol=1e-4, atol=1e-4)
+    # the trained model's own base weights are untouched (no merge/unmerge in place)
+    base = dict(policy.named_parameters())
+    name = next(n for n in base if n.endswith("q_proj.base_layer.weight"))
+    fresh = lora_policy(tiny_model)
+    torch.testing.assert_close(base[name], dict(fresh.named_parameters())[name], rtol=0, atol=0)
+
+
+def test_full_fine_tuning_copy_is_refreshed(tiny_model: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    clone = rl_policy.rollout_copy(model, "full", torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    rl_policy.sync_rollout_copy(clone, model, "full")
+    torch.testing.assert_close(clone.lm_head.weight, model.lm_head.weight.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_ppo_samples_from_a_bf16_copy_and_still_learns(toy_policy: Path, tmp_path: Path, one_thread: None) -> None:
+    rows, adapter = run_ppo(toy_policy, tmp_path / "bf16", "engine.dtype=bfloat16", "ppo.steps=2")
+    assert len(rows) == 2 and all(r["time/generate"] > 0 for r in rows)
+    assert any(w.abs().sum() > 0 for k, w in adapter.items() if "lora_B" in k)
+
+
+def test_decode_dtype_follows_its_own_measurement(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from align.models import load
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(load, "time_block_step", lambda dtype: {torch.float32: 0.05, torch.bfloat16: 0.12}[dtype])
+    calls = []
+    monkeypatch.setattr(load, "time_decode_step",
+                        lambda dtype: calls.append(dtype) or {torch.float32: 0.04, torch.bfloat16: 0.01}[dtype])
+    assert load.pick_dtype("auto") == torch.float32  # training: fp32 measured faster
+    assert load.pick_dtype("auto", use="decode") == torch.bfloat16  # sampling: bf16 measured faster
+    assert load.pick_dtype("auto", use="decode") == torch.bfloat16 and len(calls) == 2  # remembered
+    assert load.pick_dtype("float32", use="decode") == torch.float32  # an explicit choice is kept
+    known = json.loads((tmp_path / "dtype_probe.json").read_text())
+    assert sorted(k.rsplit("| ", 1)[1] for k in known) == ["decode v1", "lora block v2"]
