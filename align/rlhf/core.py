@@ -61,9 +61,13 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) 
 
 
 def entropy(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) per position: logsumexp(z) - Σ softmax(z)·z. logits: [B, T, V] -> [B, T]."""
-    logits = logits.float()
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    """Entropy of softmax(logits) per position. logits: [B, T, V] -> [B, T]."""
+    return entropy_from_logprobs(torch.log_softmax(logits.float(), dim=-1))
+
+
+def entropy_from_logprobs(logp: Tensor) -> Tensor:
+    """-Σ p·log p from log-probabilities [..., V] (when they are at hand: no second pass over the vocabulary)."""
+    return -(logp.exp() * logp).sum(-1)
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from align.generation import Sample
-from align.rlhf.core import entropy, logprobs_from_logits
+from align.rlhf.core import entropy_from_logprobs, logprobs_from_logits
 
 
 @dataclass
@@ -139,9 +139,9 @@ def score_rollout(model: ActorCritic, reference: nn.Module | None, rollout: Roll
                 logits, values = model(mb.input_ids, mb.attention_mask, mb.position_ids, R)
             else:
                 logits, values = (x.detach()[start:start + chunk] for x in first)
-            logits = logits / temperature
-            parts["logprobs"].append(logprobs_from_logits(logits, mb.response_ids))
-            parts["entropy"].append(entropy(logits))
+            logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # one pass for both
+            parts["logprobs"].append(logp.gather(-1, mb.response_ids.unsqueeze(-1)).squeeze(-1))
+            parts["entropy"].append(entropy_from_logprobs(logp))
             parts["values"].append(values)
             with reference_policy(model.policy, reference) as ref:
                 ref_logits = response_logits(ref, mb)

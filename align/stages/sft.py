@@ -165,7 +165,8 @@ def run(cfg: Config) -> Path:
     before = trainer.evaluate()["eval_loss"]
     checksums = param_checksums(trainer.model)
     trainer.train(resume_from_checkpoint=last_checkpoint(run_.dir) if cfg.resume else None)
-    after = trainer.evaluate()["eval_loss"]
+    final = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+    after = final[-1]["eval_loss"] if final else trainer.evaluate()["eval_loss"]  # not twice at the last step
     if not run_.is_main:  # multi-process: the main process saves and reports
         return run_.dir
     run_.metrics.update(changed_tensors(checksums, param_checksums(trainer.model)))
