@@ -100,8 +100,9 @@ def padding_free_matches(model: Any, rows: list[dict[str, Any]]) -> bool:
                             use_cache=False).loss.float() for b in batches]
     finally:
         model.train(was_training)
-    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 2e-2
-    return bool(torch.isclose(losses[0], losses[1], rtol=tolerance, atol=tolerance))
+    # fp32 agrees to ~1e-7; a leak across packed sequences moved a tiny random model's loss by 6e-4 relative
+    tolerance = 1e-5 if next(model.parameters()).dtype == torch.float32 else 1e-2
+    return bool(torch.isclose(losses[0], losses[1], rtol=tolerance, atol=0.0))
 
 
 def callbacks(t: TrainSettings, run_dir: Path, has_eval: bool) -> list[Any]:

@@ -12,6 +12,7 @@ Only where it is the same function: CPU, temperature 1, no logit soft-capping or
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any
 
@@ -57,6 +58,7 @@ def compact_lm_head(model: Any, outputs: tuple[str, ...] = ("log_probs",)) -> bo
         return False
     trl_forward = target.forward
 
+    @functools.wraps(type(target).forward)  # `generate` reads the signature (position_ids, logits_to_keep)
     def forward(self: Any, *args: Any, fused_lm_head: bool = False, labels: Any = None, shift_labels: Any = None,
                 num_items_in_batch: Any = None, **kwargs: Any) -> Any:
         if not fused_lm_head:

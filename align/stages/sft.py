@@ -169,8 +169,10 @@ def run(cfg: Config) -> Path:
     after = final[-1]["eval_loss"] if final else trainer.evaluate()["eval_loss"]  # not twice at the last step
     if not run_.is_main:  # multi-process: the main process saves and reports
         return run_.dir
-    run_.metrics.update(changed_tensors(checksums, param_checksums(trainer.model)))
+    # probe first: it puts the model in eval mode, as it was when checksummed before training (bitsandbytes' CPU
+    # 4-bit weights read differently after training-mode passes until the model is back in eval mode)
     run_.extra["probe"] = probe_logits(trainer.model, val_ds[0]["input_ids"])
+    run_.metrics.update(changed_tensors(checksums, param_checksums(trainer.model)))
 
     out = save_policy(trainer.model, tokenizer, run_.dir / "model", method=cfg.peft.method, base=base)
     run_.add_output("model", out)
