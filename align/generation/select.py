@@ -9,7 +9,14 @@ from typing import Any, Literal
 from align.config import DTYPE_HELP, Dtype, opt
 from align.errors import ConfigError
 from align.generation import Sampler
-from align.models.load import base_of_adapter, is_adapter, load_model, load_tokenizer, pick_dtype, resolve_model
+from align.models.load import (
+    base_of_adapter,
+    is_adapter,
+    load_model,
+    load_tokenizer,
+    pick_dtype,
+    resolve_model,
+)
 
 BACKENDS = ("auto", "hf", "vllm")
 

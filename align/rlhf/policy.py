@@ -178,7 +178,7 @@ def sync_rollout_copy(clone: nn.Module, policy: nn.Module, method: str) -> None:
     """Write the policy's current weights into its rollout copy: every LoRA-adapted weight as W + ΔW, computed in
     the training dtype from the untouched base (no merge/unmerge drift), or every weight for full fine-tuning."""
     if method == "full":
-        for (name, target), (_, source) in zip(clone.named_parameters(), policy.named_parameters(), strict=True):
+        for target, source in zip(clone.parameters(), policy.parameters(), strict=True):
             target.copy_(source)
         return
     from peft.tuners.lora import LoraLayer
