@@ -24,6 +24,9 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPE_HELP = "auto (bf16 only where this machine runs it faster) | float32 | bfloat16 | float16"
+ScoreDtype = Literal["saved", "auto", "float32", "bfloat16", "float16"]  # a reward model loaded to score
+SCORE_DTYPE_HELP = ("saved (the model folder's dtype: the scores it was trained to give) | auto (bf16 where a "
+                    "no-grad forward runs faster here) | float32 | bfloat16 | float16")
 
 
 def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,

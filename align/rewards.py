@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.config import opt
+from align.config import SCORE_DTYPE_HELP, ScoreDtype, opt
 from align.data.records import Message
 from align.errors import ConfigError
 from align.plugins import import_object
@@ -29,6 +29,8 @@ class RewardSettings:
     function: str = opt("", "module:function scoring one sample, fn(prompt_messages, response) -> float; "
                             "overrides model (e.g. align.judges.house_style:house_style_score)")
     batch_size: int = opt(8, "reward-model scoring batch size", ge=1)
+    dtype: ScoreDtype = opt("auto", "reward-model dtype: " + SCORE_DTYPE_HELP + ". auto is ~3x faster on a CPU "
+                            "with bf16 instructions; its scores differ from fp32 ones by ~4% of their spread")
 
 
 def per_sample(fn: Callable[[list[Message], str], float], name: str) -> RewardFn:
@@ -65,7 +67,7 @@ def load_reward(s: RewardSettings) -> tuple[RewardFn, str]:
         return per_sample(import_object(s.function, "reward.function"), s.function), f"function {s.function}"
     from align.reward_model import RewardModel
 
-    model = RewardModel.load(s.model, batch_size=s.batch_size)
+    model = RewardModel.load(s.model, dtype=s.dtype, batch_size=s.batch_size)
     return model.score, f"reward model {s.model}"
 
 

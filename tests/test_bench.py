@@ -76,4 +76,4 @@ def test_tiny_bench_prints_every_row_and_the_machine_readable_line() -> None:
     assert match, lines[-1]
     values = [float(v) for v in match.groups()[:5]]
     assert all(v > 0 for v in values), lines[-1]
-    assert re.search(r" sft_mfu=\S+ ppo_tokens_s=\S+ ppo_step_exact_rollouts_s=\S+ scale_dev_pct=\S+$", lines[-1])
+    assert re.search(r" sft_mfu=\S+ ppo_tokens_s=\S+ ppo_step_exact_s=\S+ scale_dev_pct=\S+$", lines[-1])

@@ -121,6 +121,53 @@ def test_ppo_samples_from_a_bf16_copy_and_still_learns(toy_policy: Path, tmp_pat
     assert any(w.abs().sum() > 0 for k, w in adapter.items() if "lora_B" in k)
 
 
+def test_reference_copy_is_the_adapter_free_model_and_never_moves(tiny_model: Path) -> None:
+    """lora: the copy is the base without the adapter (the adapter-disabled pass), not the policy, and stays so
+    when the adapter trains; full: a copy of the frozen start; same dtype or other methods: no copy."""
+    policy = lora_policy(tiny_model)
+    assert rl_policy.reference_copy(policy, None, "lora", torch.float32) is None
+    assert rl_policy.reference_copy(policy, None, "dora", torch.bfloat16) is None
+    ref = rl_policy.reference_copy(policy, None, "lora", torch.float64)
+    assert ref is not None and not any("lora" in n for n, _ in ref.named_parameters())
+    assert all(p.dtype == torch.float64 and not p.requires_grad for p in ref.parameters())
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+
+    def logits(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=ids).logits.double()
+
+    with policy.disable_adapter():
+        exact = logits(policy)
+    torch.testing.assert_close(logits(ref), exact, rtol=1e-4, atol=1e-4)
+    assert (logits(ref) - logits(policy)).abs().max() > 1e-2  # the policy's adapter is not in it
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_" in name:
+                p.add_(0.1)
+    torch.testing.assert_close(logits(ref), exact, rtol=1e-4, atol=1e-4)
+    assert any("lora" in n for n, _ in policy.named_parameters())  # the policy keeps its adapter
+
+    from transformers import AutoModelForCausalLM
+
+    start = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    full = rl_policy.reference_copy(start, start, "full", torch.bfloat16)
+    assert full is not start and start.lm_head.weight.dtype == torch.float32
+    torch.testing.assert_close(full.lm_head.weight, start.lm_head.weight.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_ppo_reference_dtype_float32_is_exact_and_bf16_is_close(toy_policy: Path, tmp_path: Path,
+                                                                 one_thread: None) -> None:
+    """At step 1 the policy is the reference: the exact pass gives KL 0; the bf16 copy a small nonzero KL (its
+    rounding), which shows the copy is what the reference log-probs came from."""
+    common = ("ppo.steps=1", "log.save_every=1", "engine.dtype=float32")
+    exact, _ = run_ppo(toy_policy, tmp_path / "exact", *common, "kl.reference_dtype=float32")
+    assert exact[0]["kl/ref"] == 0.0
+    fast, _ = run_ppo(toy_policy, tmp_path / "bf16", *common, "kl.reference_dtype=bfloat16")
+    tokens = fast[0]["response/length"]
+    assert fast[0]["kl/ref"] != 0.0 and abs(fast[0]["kl/ref"]) / tokens < 0.05
+    assert fast[0]["reward/mean"] == exact[0]["reward/mean"]  # same rollouts (sampled from the fp32 policy)
+
+
 def test_decode_dtype_follows_its_own_measurement(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from align.models import load
 
@@ -135,5 +182,31 @@ def test_decode_dtype_follows_its_own_measurement(monkeypatch: pytest.MonkeyPatc
     assert load.pick_dtype("auto", use="decode") == torch.bfloat16  # sampling: bf16 measured faster
     assert load.pick_dtype("auto", use="decode") == torch.bfloat16 and len(calls) == 2  # remembered
     assert load.pick_dtype("float32", use="decode") == torch.float32  # an explicit choice is kept
+    monkeypatch.setattr(load, "time_forward_step",
+                        lambda dtype: calls.append(dtype) or {torch.float32: 0.03, torch.bfloat16: 0.04}[dtype])
+    assert load.pick_dtype("auto", use="forward") == torch.float32 and len(calls) == 4  # its own probe
     known = json.loads((tmp_path / "dtype_probe.json").read_text())
-    assert sorted(k.rsplit("| ", 1)[1] for k in known) == ["decode v1", "lora block v2"]
+    assert sorted(k.rsplit("| ", 1)[1] for k in known) == ["decode v1", "forward v1", "lora block v2"]
+
+
+def test_reward_model_auto_dtype_follows_the_forward_probe(tiny_model: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from align.models import load
+    from align.reward_model import RewardModel
+    from align.rewards import RewardSettings, load_reward
+
+    clf = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, dtype=torch.float32)
+    clf.config.pad_token_id = clf.config.eos_token_id
+    clf.save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "rm")
+    uses = []
+    monkeypatch.setattr(load, "pick_dtype", lambda name, use="train": uses.append((name, use)) or torch.bfloat16)
+    assert RewardModel.load(tmp_path / "rm", dtype="auto").model.dtype == torch.bfloat16 and uses[0] == ("auto", "forward")
+    monkeypatch.setattr(load, "pick_dtype", lambda name, use="train": {"float32": torch.float32}[name])
+    assert RewardModel.load(tmp_path / "rm").model.dtype == torch.float32  # saved: the folder's own dtype
+    assert RewardSettings().dtype == "auto"
+    score, _ = load_reward(RewardSettings(model=str(tmp_path / "rm"), dtype="saved"))
+    exact = RewardModel.load(tmp_path / "rm").score([[{"role": "user", "content": "hi"}]], ["hello"])
+    assert score([[{"role": "user", "content": "hi"}]], ["hello"]) == exact

@@ -353,6 +353,22 @@ def test_draw_with_top_p_one_samples_the_whole_softmax():
     check_draws(scores, 1.3, 1.0, n=3000)
 
 
+def test_inverse_cdf_draw_never_picks_a_zero_weight_and_matches_the_weights(monkeypatch):
+    from align.generation.hf import draw
+
+    weights = torch.tensor([[0.0, 2.0, 0.0, 1.0, 0.0, 1.0, 0.0], [3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
+    torch.manual_seed(0)
+    n = 8000
+    drawn = draw(weights.repeat_interleave(n, dim=0)).view(2, n)
+    assert (weights.gather(1, drawn) > 0).all()
+    freq = torch.zeros_like(weights).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=weights.dtype)) / n
+    torch.testing.assert_close(freq, weights / weights.sum(-1, keepdim=True), atol=0.02, rtol=0)
+    # Uniform draws of exactly 0 and just under 1 land on the first and last tokens with weight, not their zeros.
+    for u, want in ((0.0, [1, 0]), (1 - 2**-24, [5, 6])):
+        monkeypatch.setattr(torch, "rand", lambda *shape, u=u, **kw: torch.full(shape, u, **kw))
+        assert draw(weights).tolist() == want
+
+
 PROMPTS = [[{"role": "user", "content": "hi"}],
            [{"role": "user", "content": "Name three colours and say which one you like best, please."}],
            [{"role": "user", "content": "What colour is the sky?"}]]
@@ -455,3 +471,28 @@ def test_fast_reference_leaves_models_without_a_ref_adapter(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     fast_reference(SimpleNamespace(model=model))  # a full-weight policy (its reference is a frozen copy)
     assert not hasattr(model, "peft_config") or not model.peft_config
+
+
+# ---------------------------------------------------------------- contiguous LM-head input (align/models/lm_head.py)
+
+
+def test_loaded_models_project_a_sliced_head_input_with_one_matmul(tiny_model):
+    """Without the hook a no-grad, frozen pass with `logits_to_keep` projects the strided slice as a batched matmul
+    over a per-row copy of the [V, H] head; with it, as one matmul. The logits are the same."""
+    from torch.profiler import profile
+
+    from align.models.load import load_model
+
+    model = load_model(tiny_model, dtype="bfloat16").eval().requires_grad_(False)
+    ids = torch.randint(3, 200, (4, 12), generator=torch.Generator().manual_seed(0))
+
+    def head_ops() -> tuple[torch.Tensor, int]:
+        with torch.no_grad(), profile() as prof:
+            logits = model(input_ids=ids, logits_to_keep=5, use_cache=False).logits
+        return logits, sum(e.count for e in prof.key_averages() if e.key == "aten::bmm")
+
+    fast, bmm_with_hook = head_ops()
+    model.get_output_embeddings()._forward_pre_hooks.clear()
+    slow, bmm_without = head_ops()
+    assert bmm_with_hook < bmm_without
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0)

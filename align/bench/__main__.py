@@ -256,21 +256,23 @@ def ppo_parts(rows: list[dict[str, Any]]) -> tuple[dict[str, float], float]:
     return parts, statistics.median(sum(row[k] for k in keys) for row in rows)
 
 
-def ppo_row(r: Runner, s: Setup, reward_run: str | None, engine_dtype: str = "auto") -> tuple[float, str]:
+def ppo_row(r: Runner, s: Setup, reward_run: str | None, exact: bool = False) -> tuple[float, str]:
     """Run align ppo once; print seconds per step split by the run's `time/*` keys. (median s/step, summary).
-    engine_dtype: the rollout sampler's dtype (auto: the recipe's default, bf16 on a CPU where that samples
-    faster; float32: sampled from the trained fp32 policy itself)."""
+    exact=False: the recipe's defaults (on a CPU with bf16 instructions, rollouts, reference log-probs and reward
+    scores in bf16 where measured faster); True: all of them in fp32 (the trained policy sampled itself, the
+    adapter-disabled reference, the reward model as saved)."""
     reward = [f"reward.model={reward_run}", "reward.function="] if reward_run else [f"reward.function={HOUSE_STYLE}"]
+    passes = ["engine.dtype=float32", "kl.reference_dtype=float32", "reward.dtype=saved"] if exact else []
     _, run_dir, _, rss = r.align("ppo", [
         f"policy={s.model}", f"dtype={s.dtype}", *reward, "data.eval_size=0", f"ppo.steps={s.steps}",
         f"ppo.batch_size={s.ppo_batch}", f"ppo.mini_batch_size={s.ppo_batch}", "ppo.grad_accum=1",
         f"sampling.max_new_tokens={s.ppo_new_tokens}", f"log.save_every={s.steps}", "log.progress=false",
-        f"engine.dtype={engine_dtype}", *lora(0.0)])
+        *passes, *lora(0.0)])
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     parts, step_s = ppo_parts(rows)
     new_tokens = statistics.median(row["response/length"] for row in rows) * s.ppo_batch
-    print(f"\nPPO (align ppo, batch {s.ppo_batch}, {s.ppo_new_tokens} new tokens, {len(rows)} steps, rollouts "
-          f"engine.dtype={engine_dtype}, reward: "
+    print(f"\nPPO (align ppo, batch {s.ppo_batch}, {s.ppo_new_tokens} new tokens, {len(rows)} steps, "
+          f"{'all passes in fp32' if exact else 'default dtypes'}, reward: "
           f"{'the bench reward model' if reward_run else 'house-style rules function'}): {step_s:.2f} s/step "
           f"(median), {new_tokens / step_s:.1f} new tokens/s overall, peak RSS {rss:.0f} MiB")
     print("| part | s/step (median) | share |\n|---|---:|---:|")
@@ -364,8 +366,8 @@ def bench(s: Setup, rows: list[str], repeats: int, work: Path) -> str:
     print("\n".join(notes), flush=True)
     if "ppo" in rows:
         out["ppo_step_s"], tokens = ppo_row(r, s, reward_run)
-        exact, _ = ppo_row(r, s, reward_run, engine_dtype=s.dtype)  # rollouts from the trained policy itself
-        extra += [tokens, f"ppo_step_exact_rollouts_s={fmt_seconds(exact)}"]
+        exact, _ = ppo_row(r, s, reward_run, exact=True)  # no-grad passes in fp32 too
+        extra += [tokens, f"ppo_step_exact_s={fmt_seconds(exact)}"]
     if "scale" in rows:
         extra.append(f"scale_dev_pct={scale_row(r, s, d):.1f}")
     keys = " ".join(f"{k}={fmt_seconds(v) if k == 'ppo_step_s' else f'{v:.2f}'}" for k, v in out.items())

@@ -3,7 +3,8 @@
 Sampling is ours, not `generate`'s: its top-p warper sorts the whole vocabulary and its draw runs `multinomial`
 over the whole vocabulary, every step — on a CPU with the default model's 49k vocabulary that was ~44 ms of a
 ~125 ms decoding step at batch 16. `draw_tokens` takes the same nucleus (the same rule as transformers'
-TopPLogitsWarper) from the top candidates only and draws among them; `generate` runs greedy on the one-hot result.
+TopPLogitsWarper) from the top candidates only and draws among them by inverse CDF (`draw`); `generate` runs
+greedy on the one-hot result.
 Same distribution, not the same random stream: samples differ from `do_sample=True` ones for the same seed.
 """
 
@@ -21,17 +22,26 @@ from align.models.load import chat_ids
 CANDIDATES = 1024  # tokens ranked before the nucleus cut; the full vocabulary is sorted only if their mass < top_p
 
 
+def draw(weights: torch.Tensor) -> torch.Tensor:
+    """One index per row of `weights` [B, N] (non-negative, unnormalised), drawn with probability proportional to
+    its weight: the first index whose cumulative weight exceeds a uniform draw on [0, total). Same distribution
+    as `torch.multinomial(weights, 1)`, which took 6 ms per call over the 49k vocabulary here against 0.2 ms."""
+    cumulative = weights.cumsum(-1)
+    u = torch.rand(weights.shape[0], 1, device=weights.device) * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, u, right=True)[:, 0].clamp(max=weights.shape[-1] - 1)
+
+
 def draw_tokens(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """One token per row of `scores` [B, V], drawn from softmax(scores / temperature) cut to the top-p nucleus:
     a token is kept while the mass of the tokens ranked above it is below `top_p` (the most likely always is)."""
     probs = torch.softmax(scores.float() / temperature, dim=-1)
     if top_p >= 1.0:
-        return torch.multinomial(probs, 1)[:, 0]
+        return draw(probs)
     top, idx = probs.topk(min(CANDIDATES, probs.shape[-1]), dim=-1)
     if not bool((top.sum(-1) >= top_p).all()):  # a flat distribution: the nucleus is wider than the candidates
         top, idx = probs.sort(dim=-1, descending=True)
     top = top.masked_fill(top.cumsum(-1) - top >= top_p, 0.0)
-    return idx.gather(-1, torch.multinomial(top, 1))[:, 0]
+    return idx.gather(-1, draw(top)[:, None])[:, 0]
 
 
 def nucleus_processor(temperature: float, top_p: float) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from align.config import opt
+from align.config import SCORE_DTYPE_HELP, ScoreDtype, opt
 from align.data.records import Message
 
 
@@ -12,7 +12,7 @@ from align.data.records import Message
 class Config:
     path: str = opt("runs/reward", "reward model: the run folder of `align reward`, or its model/adapter folder")
     batch_size: int = opt(8, "sequences per forward pass")
-    dtype: str = opt("saved", "saved (as stored with the model) | float32 | bfloat16")
+    dtype: ScoreDtype = opt("saved", SCORE_DTYPE_HELP)
 
 
 class RewardModelJudge:

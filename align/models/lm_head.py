@@ -75,3 +75,17 @@ def compact_lm_head(model: Any, outputs: tuple[str, ...] = ("log_probs",)) -> bo
 
     target.forward = types.MethodType(forward, target)
     return True
+
+
+def contiguous_head_input(model: Any) -> None:
+    """Hand the model's LM head a contiguous input. transformers projects a slice of the hidden states
+    (`logits_to_keep`); with no tensor needing a gradient, torch's matmul does not fold that strided [B, T, H] input
+    into one matmul but copies the [V, H] weight once per row for a batched one. A no-grad bf16 pass of the default
+    model over 8 x 104 tokens took 0.70 s with the copy and 0.44 s without (fp32: 1.25 s either way)."""
+    head = model.get_output_embeddings()
+    if head is not None and _contiguous not in head._forward_pre_hooks.values():
+        head.register_forward_pre_hook(_contiguous)
+
+
+def _contiguous(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (args[0].contiguous(), *args[1:])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from align.config import opt
+from align.config import SCORE_DTYPE_HELP, ScoreDtype, opt
 from align.data.records import Message, as_response, check_messages, read_jsonl, write_jsonl
 from align.errors import DataError
 from align.runs import start_run
@@ -21,7 +21,7 @@ class Config:
     overwrite: bool = opt(False, "replace an existing output_dir")
     seed: int = opt(42, "random seed (scoring is deterministic; kept for uniformity)", ge=0)
     batch_size: int = opt(8, "pairs per forward pass", ge=1)
-    dtype: Literal["saved", "auto", "float32", "bfloat16", "float16"] = opt("saved", "saved (the model folder's dtype) | auto | float32 | bfloat16 | float16")
+    dtype: ScoreDtype = opt("saved", SCORE_DTYPE_HELP)
     trust_remote_code: bool = opt(False, "allow model code from the model folder")
 
 
