@@ -14,7 +14,7 @@ set -euo pipefail
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CONFIG=${CONFIG:-stages/accelerate/multinode.yaml}   # or a multi-node copy of fsdp.yaml / zero3.yaml
 ACCELERATE=${ACCELERATE:-.venv/bin/accelerate}
-MAIN_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MAIN_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)   # sed reads all: no SIGPIPE under pipefail
 MAIN_PORT=${MAIN_PORT:-29500}
 NUM_PROCESSES=$((SLURM_NNODES * GPUS_PER_NODE))
 
