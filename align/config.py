@@ -24,6 +24,10 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPE_HELP = "auto (bf16 only where this machine runs it faster) | float32 | bfloat16 | float16"
+# One meaning of an empty validation path in every training stage (sft, reward, dpo).
+VALIDATION_HELP = ("held-out file or run folder; '' = no file: hold out data.validation_fraction of the training "
+                   "data (by prompt, drawn with seed)")
+VALIDATION_FRACTION_HELP = "when validation is '': the fraction held out"
 ScoreDtype = Literal["saved", "auto", "float32", "bfloat16", "float16"]  # a reward model loaded to score
 SCORE_DTYPE_HELP = ("saved (the model folder's dtype: the scores it was trained to give) | auto (bf16 where a "
                     "no-grad forward runs faster here) | float32 | bfloat16 | float16")
@@ -68,8 +72,14 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp`, converting only where lossless (int -> float, str -> Path)."""
+def _coerce(value: Any, tp: Any, where: str, base: Any = None) -> Any:
+    """Check `value` against the annotation `tp`, converting only where lossless (int -> float, str -> Path).
+
+    `base` is the default a nested group starts from (the stage's own default for that group), so a partly
+    written group keeps the stage's values for the keys it does not name.
+    """
+    if isinstance(value, Override):
+        value = read_override(value, tp, where)
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -82,7 +92,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, where)
+                return _coerce(value, arg, where, base if isinstance(base, arg) else None)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} is not {_type_name(tp)}")
@@ -93,7 +103,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {_keys(tp)}, got {value!r}")
-        return from_dict(tp, value, where)
+        return from_dict(tp, value, where, base=base)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -133,18 +143,33 @@ def _keys(cls: type) -> str:
     return ", ".join(f.name for f in dataclasses.fields(cls))
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass `cls` from a plain dict; unknown keys and wrong types raise ConfigError."""
+def field_default(f: dataclasses.Field) -> Any:
+    """The default a dataclass field declares (calling its default_factory)."""
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config", base: Any = None) -> T:
+    """Build dataclass `cls` from a plain dict; unknown keys and wrong types raise ConfigError.
+
+    Keys the dict does not give come from `base` (an instance of `cls`: the defaults the enclosing stage gives
+    this group) or, without one, from the field defaults. A nested group given in part starts from the parent's
+    default for it, never from the group class's own defaults: a recipe with only `train: {lr: 5e-5}` keeps the
+    stage's `train.max_steps`.
+    """
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {_keys(cls)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where != "config" else k) for k, v in data.items()}
-    for f in dataclasses.fields(cls):
-        if f.name in kwargs:
-            check_range(kwargs[f.name], f.metadata.get("range") or {}, f"{where}.{f.name}" if where != "config"
-                        else f.name)
+    kwargs = {}
+    for name, f in fields.items():
+        default = getattr(base, name) if base is not None else field_default(f)
+        key = f"{where}.{name}" if where != "config" else name
+        if name not in data:
+            kwargs[name] = default
+            continue
+        kwargs[name] = _coerce(data[name], hints[name], key, default if dataclasses.is_dataclass(default) else None)
+        check_range(kwargs[name], f.metadata.get("range") or {}, key)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -164,18 +189,50 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.lr=1e-4' -> (['train', 'lr'], 0.0001). Values are parsed as YAML scalars/lists."""
+class Override(str):
+    """A value as typed on the command line (`key=value`), read once its field's type is known."""
+
+
+def _accepts(tp: Any, kinds: tuple[Any, ...]) -> bool:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_accepts(a, kinds) for a in get_args(tp))
+    return tp in kinds
+
+
+def read_override(raw: Override, tp: Any, where: str) -> Any:
+    """A command-line value for a field of type `tp`: text is taken literally, other types are read as YAML.
+
+    A path keeps its `#`, `:` or leading `!` (`output_dir=runs/exp #1`); a quoted value is unquoted
+    (`x="a b"`); `null` clears an optional field; numbers, booleans and lists are YAML (`train.lr=1e-4`,
+    `seeds=[1,2]`). A `#` YAML would read as a comment in a non-text value is an error, never a silent cut.
+    """
+    text = str(raw)
+    if text == "":
+        return ""
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if text[:1] in "\"'":
+        return parsed
+    if parsed is None and _accepts(tp, (type(None),)):
+        return None
+    if isinstance(parsed, str) or (_accepts(tp, (str, Path)) and not isinstance(parsed, list)):
+        return text
+    if "#" in text:
+        raise ConfigError(f"{where}={text!r}: '#' would start a YAML comment in this value; remove it or quote the value "
+                          f"(e.g. {where}='\"...\"')")
+    return parsed
+
+
+def parse_override(text: str) -> tuple[list[str], Override]:
+    """'train.lr=1e-4' -> (['train', 'lr'], Override('1e-4')); the value is read once its type is known."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value")
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+    return key.split("."), Override(raw)
 
 
 def _set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
@@ -195,7 +252,7 @@ def load_config(cls: type[T], path: Path | None = None, overrides: list[str] | t
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8-sig"))  # a BOM (Windows editors) is not a key
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if loaded is not None and not isinstance(loaded, dict):

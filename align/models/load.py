@@ -233,11 +233,39 @@ def quantization_config(compute_dtype: torch.dtype) -> Any:
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+QUANTIZED_BASE = "base_quantization.json"  # beside an adapter trained on a 4-bit base: how that base was loaded
+
+
+def dequantize_4bit(model: Any) -> Any:
+    """Replace every bitsandbytes 4-bit linear layer by a float32 nn.Linear holding exactly its dequantized
+    weights (transformers' own `dequantize()` goes through bf16 and loses the low bits)."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight.data.copy_(weight)
+            if module.bias is not None:
+                linear.bias.data.copy_(module.bias.data.float())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, linear)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.config.quantization_config = None
+    return model
+
+
 def load_model(path: Path, *, dtype: str = "auto", load_in_4bit: bool = False, trust_remote_code: bool = False,
                kind: str = "causal_lm", merge: bool = True, num_labels: int = 1) -> Any:
     """Load a causal LM (or, with kind='classifier', a sequence classifier with `num_labels` outputs).
 
-    An adapter folder is loaded on top of its base; with `merge` the adapter is folded in (LoRA family).
+    An adapter folder is loaded on top of the base it was trained on, built in float32 (a 4-bit base dequantized
+    exactly, a stacked adapter merged); with `merge` the adapter is folded in (LoRA family) in float32 too, and
+    only then is the model cast to `dtype`, so the result is the adapter's model, not one whose LoRA
+    delta was rounded away in bf16 or requantized to 4 bits. (With `load_in_4bit` the merged model must be 4-bit
+    again: that path merges into the quantized base, which is not exact; `load_policy` avoids it for references.)
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -245,16 +273,20 @@ def load_model(path: Path, *, dtype: str = "auto", load_in_4bit: bool = False, t
     torch_dtype = pick_dtype(dtype)
     adapter = path if is_adapter(path) else None
     base = base_of_adapter(path) if adapter else path
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-    if load_in_4bit:
-        kwargs["quantization_config"] = quantization_config(torch_dtype)
+    exact = adapter is not None and not load_in_4bit  # the adapter's own base, built in float32
+    base_4bit = load_in_4bit or (exact and (adapter / QUANTIZED_BASE).is_file())
+    base_dtype = torch.float32 if exact else torch_dtype
+    kwargs: dict[str, Any] = {"dtype": base_dtype, "trust_remote_code": trust_remote_code}
+    if base_4bit:
+        kwargs["quantization_config"] = quantization_config(base_dtype)
     if kind == "classifier":
         kwargs["num_labels"] = num_labels
     auto = AutoModelForSequenceClassification if kind == "classifier" else AutoModelForCausalLM
     if adapter is not None and is_adapter(base):
-        # An adapter trained on another adapter's merged model (PPO/DPO on the SFT LoRA): merge that one first.
-        model = load_model(base, dtype=dtype, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code,
-                           kind=kind, merge=True, num_labels=num_labels)
+        # An adapter trained on another adapter's merged model (PPO/DPO on the SFT LoRA): merge that one first,
+        # exactly as the stage that trained this adapter built its starting model.
+        model = load_model(base, dtype="float32" if exact else dtype, load_in_4bit=base_4bit,
+                           trust_remote_code=trust_remote_code, kind=kind, merge=True, num_labels=num_labels)
     else:
         check_safetensors(base)
         try:
@@ -262,6 +294,8 @@ def load_model(path: Path, *, dtype: str = "auto", load_in_4bit: bool = False, t
             model = auto.from_pretrained(base, use_safetensors=True, **kwargs)
         except (OSError, ValueError) as e:
             raise ModelError(f"could not load model from {base}: {e}") from None
+    if exact and base_4bit:
+        model = dequantize_4bit(model)
     if adapter is not None:
         from peft import PeftConfig, PeftModel
 
@@ -276,6 +310,8 @@ def load_model(path: Path, *, dtype: str = "auto", load_in_4bit: bool = False, t
                 raise ModelError(f"{adapter} is a prompt-learning adapter and cannot be merged into the weights; "
                                  f"train the earlier stage with peft.method=lora (or another LoRA-family method)")
             model = model.merge_and_unload()
+        if exact and torch_dtype != torch.float32:
+            model = model.to(torch_dtype)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
     if kind == "causal_lm":

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from align.errors import ConfigError
-from align.models.load import base_of_adapter, is_adapter, load_model, load_tokenizer, resolve_model
+from align.models.load import QUANTIZED_BASE, load_model, load_tokenizer, resolve_model
 from align.models.peft import PeftSettings, attach_peft
 
 Stage = Literal["sft", "reward", "dpo", "ppo", "grpo", "rloo", "online"]
@@ -89,13 +89,8 @@ def load_policy(source: str | Path, *, stage: str, peft: PeftSettings | None = N
     path = resolve_model(source)
     tokenizer = load_tokenizer(path, trust_remote_code)
     if peft is None:
-        if is_adapter(path):
-            from peft import PeftModel
-
-            base = load_model(base_of_adapter(path), dtype=dtype, trust_remote_code=trust_remote_code, merge=True)
-            model = PeftModel.from_pretrained(base, path)
-        else:
-            model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        # An adapter stays a live PeftModel over the base it was trained on (`load_model`).
+        model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, merge=False)
         return Policy(model.eval(), tokenizer, None, path)
     caps = check_method(stage, peft.method)
     model = load_model(path, dtype=dtype, load_in_4bit=caps.quantized_base, merge=True, kind=kind,
@@ -118,6 +113,9 @@ def save_policy(model: Any, tokenizer: Any, out: Path, *, method: str, base: Pat
     if METHODS[method].adapter:
         model.save_pretrained(out, selected_adapters=["default"], safe_serialization=True)
         point_adapter_at(out, base)
+        if METHODS[method].quantized_base:  # how to rebuild the exact base it trained on (`load_model`)
+            (out / QUANTIZED_BASE).write_text(json.dumps({"load_in_4bit": True, "quant_type": "nf4",
+                                                          "double_quant": True}, indent=2))
     else:
         model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from align.config import DTYPE_HELP, Dtype, opt
-from align.data.records import read_preferences, read_prompts
+from align.config import DTYPE_HELP, VALIDATION_FRACTION_HELP, VALIDATION_HELP, Dtype, opt
+from align.data.importers import split_by_prompt
+from align.data.records import PreferenceRecord, read_preferences, read_prompts
 from align.generation import SamplingSettings
 from align.models.peft import PeftSettings
 from align.rewards import RewardSettings
@@ -34,7 +35,8 @@ LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", 
 @dataclass(frozen=True)
 class DataSettings:
     train: str = opt("runs/import/train.jsonl", "canonical preference JSONL (prompt, chosen, rejected)")
-    validation: str = opt("runs/import/valid.jsonl", "validation preference JSONL ('' for none)")
+    validation: str = opt("runs/import/valid.jsonl", VALIDATION_HELP)
+    validation_fraction: float = opt(0.1, VALIDATION_FRACTION_HELP + " (0: no validation)", ge=0.0, lt=1.0)
     max_length: int = opt(512, "max tokens of prompt + response; longer pairs are truncated by TRL", ge=8)
 
 
@@ -86,12 +88,22 @@ def preference_path(path: str, outputs: tuple[str, ...]) -> Path:
     return resolve_input(path, what="preference data", stages=("import", "preferences", "judge"), outputs=outputs)
 
 
-def preference_dataset(path: Path | str) -> Any:
+def preference_dataset(records: list[PreferenceRecord]) -> Any:
     """Canonical preference records -> a conversational TRL dataset (prompt / chosen / rejected messages)."""
     from datasets import Dataset
 
-    return Dataset.from_list([{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}
-                              for r in read_preferences(path)])
+    return Dataset.from_list([{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected} for r in records])
+
+
+def preference_splits(data: DataSettings, seed: int) -> tuple[Path, Path | None, Any, Any]:
+    """(train file, validation file or None, train dataset, validation dataset or None) as `data` asks."""
+    train_path = preference_path(data.train, ("train", "preferences"))
+    train = read_preferences(train_path)
+    if data.validation:
+        val_path = preference_path(data.validation, ("valid", "validation"))
+        return train_path, val_path, preference_dataset(train), preference_dataset(read_preferences(val_path))
+    train, val = split_by_prompt(train, data.validation_fraction, seed)
+    return train_path, None, preference_dataset(train), preference_dataset(val) if val else None
 
 
 def loss_kwargs(settings: DPOSettings) -> dict[str, Any]:
@@ -124,10 +136,7 @@ def run(cfg: Config) -> Path:
         trainer_kwargs,
     )
 
-    train_path = preference_path(cfg.data.train, ("train", "preferences"))
-    val_path = preference_path(cfg.data.validation, ("valid", "validation")) if cfg.data.validation else None
-    train_ds = preference_dataset(train_path)
-    val_ds = preference_dataset(val_path) if val_path else None
+    train_path, val_path, train_ds, val_ds = preference_splits(cfg.data, cfg.seed)
     source = resolve_model(cfg.policy)
     if cfg.eval.size > 0:
         check_reward(cfg.eval.reward)  # not after an hour of training

@@ -41,18 +41,20 @@ class Config:
                                       "Argilla question")
     pairs: Literal["best_vs_worst", "best_vs_rest", "all"] = opt(
         "best_vs_worst", "how scored/ranked responses become pairs")
-    min_margin: float = opt(0.0, "scores/ratings: drop pairs whose score difference is below this (ties always)")
+    min_margin: float = opt(0.0, "scores/ratings: drop pairs whose score difference is below this (ties always)", ge=0.0)
     aggregate: Literal["majority", "unanimous", "all"] = opt(
         "majority", "several annotators on one pair: strict plurality | all agree | keep every label")
     model: str = opt("default", "model whose tokenizer measures lengths ('default', a folder, or a run folder)")
-    max_length: int = opt(1024, "reject pairs whose prompt + response exceeds this many tokens (0: no token check)")
-    max_reject_fraction: float = opt(0.5, "fail when more than this fraction of rows is rejected")
+    max_length: int = opt(1024, "reject pairs whose prompt + response exceeds this many tokens (0: no token check)",
+                          ge=0)
+    max_reject_fraction: float = opt(0.5, "fail when more than this fraction of rows is rejected", ge=0.0, le=1.0)
     tasks: str = opt("", "the `align label` run (or its tasks.jsonl) these labels answer: each label maps back to "
                          "its task's exact prompt and responses, and gold tasks score the annotators")
     min_gold_accuracy: float = opt(0.0, "drop every label of an annotator whose accuracy on gold tasks is below "
                                         "this (needs tasks=; annotators without gold labels are kept)", ge=0, le=1)
-    validation_fraction: float = opt(0.1, "fraction of prompts held out in valid.jsonl (0: no validation file)")
-    seed: int = opt(42, "seed of the train/validation split")
+    validation_fraction: float = opt(0.1, "fraction of prompts held out in valid.jsonl (0: no validation file)",
+                                      ge=0.0, lt=1.0)
+    seed: int = opt(42, "seed of the train/validation split", ge=0)
     output_dir: str = opt("runs/import", "where the run goes")
     overwrite: bool = opt(False, "replace an existing output_dir")
 
@@ -85,7 +87,7 @@ def _check(cfg: Config) -> None:
     if cfg.max_length < 0:
         raise ConfigError("max_length must be >= 0 (0 skips the token check)")
     for path in cfg.inputs:
-        if not Path(path).is_file():
+        if not str(path).startswith("hf:") and not Path(path).is_file():  # hf: datasets: align/data/hub.py
             raise DataError(f"{path}: file not found; check the path (relative paths start at the repo root)")
     if cfg.min_gold_accuracy > 0 and not cfg.tasks:
         raise ConfigError("min_gold_accuracy needs tasks=<the align label run> to know the gold answers")

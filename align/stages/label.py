@@ -62,7 +62,7 @@ class Config:
     gold: str = opt("", "known answers to mix in as gold tasks: an `align import` run folder or a preference JSONL")
     gold_rate: float = opt(0.1, "fraction of the exported tasks that are gold", ge=0, lt=1)
     shuffle: bool = opt(True, "show each task's responses in a seeded random order (gold tasks always are)")
-    seed: int = opt(0, "seed of the random selection, tie-breaks, display order and gold draw")
+    seed: int = opt(0, "seed of the random selection, tie-breaks, display order and gold draw", ge=0)
     batch_size: int = opt(8, "reward model batch size", ge=1)
     output_dir: str = opt("runs/label", "where the tasks and the manifest go")
     overwrite: bool = opt(False, "replace an existing output_dir")

@@ -121,7 +121,7 @@ def round_settings(cfg: Config, r: int, policy: str, rdir: Path) -> dict[str, di
              "max_failure_rate": cfg.judge.max_failure_rate, **({"human": cfg.human} if cfg.human else {})}
     prefs = {"inputs": [str(rdir / "judge")] + ([cfg.human] if cfg.human_mix else []), "validation": []}
     dpo = {"policy": policy, "seed": cfg.seed + r, "dtype": cfg.dtype,
-           "data": {"train": str(rdir / "preferences"), "validation": ""},
+           "data": {"train": str(rdir / "preferences"), "validation": "", "validation_fraction": 0.0},
            "dpo": to_dict(cfg.dpo), "peft": to_dict(cfg.peft), "train": to_dict(cfg.train), "eval": {"size": 0}}
     return {"generate": generate, "judge": judge, "preferences": prefs, "dpo": dpo}
 

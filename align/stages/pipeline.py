@@ -44,7 +44,7 @@ class Config:
     output_dir: str = opt("runs/pipeline", "the pipeline folder: one subfolder per step and the pipeline manifest")
     overwrite: bool = opt(False, "start from nothing: delete output_dir first (only an align pipeline folder)")
     force: bool = opt(False, "re-run every step even when its inputs and config are unchanged")
-    seed: int = opt(42, "seed given to every step that has one")
+    seed: int = opt(42, "seed given to every step that has one", ge=0)
     model: str = opt("default", "the base model SFT starts from")
     human: list[str] = opt(["data/human/demo_labelstudio.json"], "human annotation exports for `align import`")
     prompts: str = opt("data/prompts/train.jsonl", "training prompts (generate, PPO)")

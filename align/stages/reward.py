@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from align.config import DTYPE_HELP, Dtype, opt
+from align.config import DTYPE_HELP, VALIDATION_FRACTION_HELP, VALIDATION_HELP, Dtype, opt
 from align.data.importers import split_by_prompt
 from align.data.records import PreferenceRecord, read_preferences
 from align.errors import DataError
@@ -34,9 +34,9 @@ from align.training import (
 @dataclass(frozen=True)
 class DataSettings:
     train: str = opt("runs/import/train.jsonl", "preference JSONL (prompt, chosen, rejected), or an import run folder")
-    validation: str = opt("runs/import/valid.jsonl", "held-out preference JSONL or import run folder "
-                                                     "('' = split from train by prompt)")
-    validation_fraction: float = opt(0.15, "when validation is '': fraction of prompts held out (deterministic)", gt=0.0, lt=1.0)
+    validation: str = opt("runs/import/valid.jsonl", VALIDATION_HELP)
+    validation_fraction: float = opt(0.15, VALIDATION_FRACTION_HELP + " (the reward model always validates)",
+                                     gt=0.0, lt=1.0)
     max_length: int = opt(512, "max tokens of prompt + response; longer pairs are dropped (or an error)", ge=8)
     on_too_long: Literal["drop", "error"] = opt("drop", "drop | error: what to do with pairs longer than max_length")
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from align.config import DTYPE_HELP, Dtype, opt
+from align.config import DTYPE_HELP, VALIDATION_FRACTION_HELP, VALIDATION_HELP, Dtype, opt
 from align.data.records import Message, SFTExample, read_sft
 from align.errors import DataError
 from align.models.lm_head import compact_lm_head
@@ -41,8 +41,8 @@ from align.training import (
 @dataclass(frozen=True)
 class DataSettings:
     train: str = opt("data/sft/train.jsonl", "training JSONL: {messages} or {prompt, completion} per line")
-    validation: str = opt("data/sft/valid.jsonl", "validation JSONL ('' to split from train)")
-    validation_fraction: float = opt(0.1, "when validation is '': fraction of train held out (deterministic)", gt=0.0, lt=1.0)
+    validation: str = opt("data/sft/valid.jsonl", VALIDATION_HELP)
+    validation_fraction: float = opt(0.1, VALIDATION_FRACTION_HELP + " (SFT always validates)", gt=0.0, lt=1.0)
     max_length: int = opt(512, "max tokens per example; longer examples are an error (or dropped, see on_too_long)", ge=8)
     on_too_long: Literal["error", "drop"] = opt("error", "error | drop: what to do with examples longer than max_length")
     loss_on: Literal["assistant", "all"] = opt("assistant", "assistant (loss on assistant tokens only) | all (every token)")
