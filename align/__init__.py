@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-# Quiet, offline-safe defaults: there is no model hub here, and tokenizer threads fight the trainer for 2 cores.
+from align import log as _log
+
+# Tokenizer threads fight the trainer for the cores. Hub access is left as the user set it (HF_HUB_OFFLINE):
+# Hub IDs resolve online, or from the local HF cache offline; the embedded default model needs no network.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+_log.quiet_third_party()  # before bitsandbytes / transformers are imported: their import-time noise too
 
 __version__ = "0.1.0"
 

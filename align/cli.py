@@ -34,7 +34,8 @@ def usage() -> str:
     for name, mod in available_stages().items():
         doc = (importlib.import_module(mod).__doc__ or "").strip().splitlines()
         lines.append(f"  {name:<9} {doc[0] if doc else ''}")
-    lines.append("\n`align <stage> --help` lists every key with its default and help text.")
+    lines.append("\n`align <stage> --help` lists every key with its default and help text; --quiet (warnings only) "
+                 "and --verbose (debug, and third-party warnings) set how much align logs.")
     return "\n".join(lines)
 
 
@@ -81,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from align.errors import AlignError
-    from align.runs import fail_active_runs
+    from align.log import configure
+    from align.runs import disk_full_message, fail_active_runs
+
+    configure(quiet="--quiet" in rest, verbose="--verbose" in rest)
+    rest = [a for a in rest if a not in ("--quiet", "--verbose")]
 
     try:
         cfg = parse_args(stage, rest, module.Config)
@@ -95,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"align {stage}: interrupted; re-run with resume=true to continue", file=sys.stderr)
         return 130
     except BaseException as e:  # a bug: keep the traceback, but never leave a run folder `running`
-        fail_active_runs(f"{type(e).__name__}: {e}")
+        full = disk_full_message(e)  # before fail_active_runs: it names the active run folder
+        fail_active_runs(full or f"{type(e).__name__}: {e}")
+        if full:  # not a bug: the machine's disk is full
+            print(f"align {stage}: error: {full}", file=sys.stderr)
+            return 2
         raise
     if out is not None:
         print(f"align {stage}: done -> {out}")

@@ -81,7 +81,11 @@ def _coerce(value: Any, tp: Any, where: str, base: Any = None) -> Any:
     if isinstance(value, Override):
         value = read_override(value, tp, where)
     origin = get_origin(tp)
-    if tp is Any:
+    if tp is Any:  # free-form data (e.g. a pipeline step's overrides): command-line values inside are read too
+        if isinstance(value, dict):
+            return {k: _coerce(v, Any, f"{where}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [_coerce(v, Any, f"{where}[{i}]") for i, v in enumerate(value)]
         return value
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
@@ -219,7 +223,7 @@ def read_override(raw: Override, tp: Any, where: str) -> Any:
         return None
     if isinstance(parsed, str) or (_accepts(tp, (str, Path)) and not isinstance(parsed, list)):
         return text
-    if "#" in text:
+    if re.search(r"(^|\s)#", re.sub(r"\"[^\"]*\"|'[^']*'", "", text)):  # a YAML comment outside quotes
         raise ConfigError(f"{where}={text!r}: '#' would start a YAML comment in this value; remove it or quote the value "
                           f"(e.g. {where}='\"...\"')")
     return parsed

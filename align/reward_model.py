@@ -220,3 +220,58 @@ def heldout_metrics(chosen: Sequence[float], rejected: Sequence[float], bins: in
 def _check_pairs(chosen: Sequence[float], rejected: Sequence[float]) -> None:
     if len(chosen) != len(rejected) or not chosen:
         raise ValueError(f"need equally many chosen and rejected rewards (got {len(chosen)} and {len(rejected)})")
+
+
+# ---- free baselines: what a reward model must beat on the same held-out pairs ----
+
+def response_logprobs(model: Any, tokenizer: Any, records: Sequence[PreferenceRecord],
+                      batch_size: int = 8) -> tuple[list[float], list[float]]:
+    """(log p(chosen | prompt), log p(rejected | prompt)) under a causal LM: the sum of the response tokens'
+    log-probabilities, the response being what the chat template adds after the prompt's generation header."""
+    import torch
+
+    from align.generation import Sample
+    from align.rlhf.core import logprobs_from_logits
+    from align.rlhf.policy import collate, model_device, response_logits
+
+    samples = []
+    for r in records:
+        for response in (r.chosen, r.rejected):
+            head = chat_ids(tokenizer, list(r.prompt), add_generation_prompt=True)
+            full = encode(tokenizer, r.prompt, response)
+            cut = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
+            samples.append(Sample("", full[:cut], full[cut:], True))
+    out: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(samples), batch_size):
+            batch = collate(samples[start:start + batch_size], tokenizer.pad_token_id).to(model_device(model))
+            lp = logprobs_from_logits(response_logits(model, batch), batch.response_ids)
+            out += (lp * batch.response_mask).sum(-1).tolist()
+    return out[0::2], out[1::2]
+
+
+def response_lengths(tokenizer: Any, records: Sequence[PreferenceRecord]) -> tuple[list[float], list[float]]:
+    """(chosen, rejected) response lengths in tokens (the assistant turns' text, without the chat template)."""
+    def n(response: list[Message]) -> float:
+        return float(sum(len(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) for m in response))
+
+    return [n(r.chosen) for r in records], [n(r.rejected) for r in records]
+
+
+def baseline_accuracies(logp_chosen: Sequence[float], logp_rejected: Sequence[float], len_chosen: Sequence[float],
+                        len_rejected: Sequence[float]) -> dict[str, float]:
+    """Held-out accuracy of the two free baselines (ties count half, as for the reward model):
+    `loglik_ratio`: the base model prefers what it finds likelier, log p(chosen) − log p(rejected) > 0;
+    `longer_wins`: the longer answer is preferred."""
+    return {"loglik_ratio": pairwise_accuracy(logp_chosen, logp_rejected),
+            "longer_wins": pairwise_accuracy(len_chosen, len_rejected)}
+
+
+def baseline_warning(accuracy: float, baselines: dict[str, float]) -> str | None:
+    """One line when the reward model does not beat every free baseline on the same held-out pairs, else None."""
+    beaten_by = {k: v for k, v in baselines.items() if accuracy <= v}
+    if not beaten_by:
+        return None
+    return (f"warning: the reward model's held-out accuracy {accuracy:.3f} does not beat "
+            + ", ".join(f"{k.replace('_', ' ')} ({v:.3f})" for k, v in beaten_by.items())
+            + " on the same pairs: it adds nothing over a free baseline")

@@ -11,7 +11,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -132,6 +135,8 @@ def resolve_input(path: Path | str, *, what: str, stages: tuple[str, ...] = (), 
 
     `what` names the input in errors ("preference data", "samples", "policy"...).
     """
+    if str(path).startswith("hf:"):  # a Hub dataset, read by align/data/hub.py
+        return Path(path)
     p = Path(path)
     if not p.exists():
         raise error(f"{what} {p} not found; run the earlier stage first or give the right path")
@@ -171,7 +176,12 @@ class Run:
 
     def add_input(self, path: Path | str) -> None:
         if self.is_main:
-            self.inputs[str(path)] = sha256_path(Path(path))
+            from align.hub import hub_source  # a Hub model or dataset: its commit and files' hashes
+
+            source = hub_source(path)
+            if source is not None:
+                self.extra.setdefault("hub", {})[str(path)] = source
+            self.inputs[str(path)] = source["sha256"] if source else sha256_path(Path(path))
 
     def add_output(self, name: str, path: Path | str) -> None:
         self.outputs[name] = str(Path(path).relative_to(self.dir) if Path(path).is_relative_to(self.dir) else path)
@@ -190,27 +200,49 @@ class Run:
             "versions": versions(),
             "git_sha": git_sha(),
             "started_at": self.started_at,
-            "finished_at": now() if status in ("completed", "failed") else None,
+            "finished_at": now() if status in ("completed", "failed", "interrupted") else None,
         })
 
     def finish(self) -> Path:
         if not self.is_main:
             return self.dir
         self.write_manifest("completed")
-        _forget(self)
         if self.previous is not None:  # the replaced run is gone only now that the new one is complete
             shutil.rmtree(self.previous, ignore_errors=True)
+        _forget(self)
         return self.dir
 
     def fail(self, reason: str) -> None:
         """Mark the run `failed` with a one-line reason; when it was replacing an older run, put that one back
-        (the failed attempt is kept next to it as <name>.failed)."""
+        (the failed attempt is kept next to it as <name>.failed). The old run is put back even when the manifest
+        cannot be written (a full disk): renames need no space."""
         if not self.is_main:
             _forget(self)
             return
         self.extra["error"] = reason.splitlines()[0][:500] if reason else "failed"
-        self.write_manifest("failed")
-        _forget(self)
+        try:
+            self.write_manifest("failed")
+        finally:
+            try:
+                self._put_previous_back()
+            finally:
+                _forget(self)
+
+    def interrupt(self, signal_name: str, detail: str = "") -> None:
+        """Mark the run `interrupted` (by a signal; `resume=true` continues it) and say how to continue. A run that
+        was replacing an older one keeps that one aside (.<name>.align-previous) until the resumed run finishes."""
+        if not self.is_main:
+            _forget(self)
+            return
+        self.extra["interrupted_by"] = signal_name
+        try:
+            self.write_manifest("interrupted")
+        finally:
+            _forget(self)
+        print(f"{self.stage}: stopped by {signal_name}{detail}; the run in {self.dir} is marked interrupted. "
+              f"To continue: {resume_command(self.stage, self.dir)}", file=sys.stderr, flush=True)
+
+    def _put_previous_back(self) -> None:
         if self.previous is not None and self.previous.is_dir():
             failed = self.dir.with_name(self.dir.name + ".failed")
             if failed.is_dir() and read_manifest(failed) is not None:
@@ -223,21 +255,324 @@ class Run:
 
 
 _ACTIVE: list[Run] = []
+_LAST_STARTED: list[Path] = []  # the output folder of the last start_run in this process
 
 
 def _forget(run: Run) -> None:
     if run in _ACTIVE:
         _ACTIVE.remove(run)
+    release_lock(run.dir)
+    if not _ACTIVE:
+        restore_signal_handlers()
 
 
 def fail_active_runs(reason: str) -> None:
     """Mark every run started in this process and not finished as `failed` (the CLI and the pipeline call this on
-    any error, so no run folder is left `running` by a clean error)."""
-    for run in _ACTIVE:
+    any error, so no run folder is left `running` by a clean error). After a stop signal they are `interrupted`."""
+    for run in _ACTIVE.copy():  # each one leaves _ACTIVE as it is marked
         try:
-            run.fail(reason)
+            if _STOP["signal"]:
+                run.interrupt(_STOP["signal"])
+            else:
+                run.fail(reason)
         except OSError:
             _forget(run)
+
+
+def _exception_chain(exc: BaseException | None) -> list[BaseException]:
+    out: list[BaseException] = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def disk_full_message(exc: BaseException) -> str | None:
+    """One line for a write that failed because the disk is full (an OSError ENOSPC, or the Rust tokenizers'
+    "No space left on device (os error 28)"), naming the path and the free space left; None for other errors."""
+    import errno
+
+    for e in _exception_chain(exc):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            path = e.filename
+            break
+        if "No space left on device" in str(e) or "os error 28" in str(e):
+            path = None
+            break
+    else:
+        return None
+    where = Path(path) if path else (_ACTIVE[-1].dir if _ACTIVE else _LAST_STARTED[-1] if _LAST_STARTED
+                                     else Path.cwd())
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f"{shutil.disk_usage(probe).free / 2**20:,.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return (f"no space left on the device writing {where} ({free}); free some space and run again "
+            f"(resume=true continues from the last checkpoint)")
+
+
+def resume_command(stage: str, run_dir: Path) -> str:
+    """The command that continues this run: the command line of this process with resume=true (and without
+    overwrite=...) when it was `align <stage> ...`; the same command when it was a pipeline (which continues where
+    it stopped); else the short form."""
+    import shlex
+
+    args = sys.argv[1:]
+    if args[:1] == [stage]:
+        kept = [a for a in args if not a.startswith(("resume=", "overwrite="))]
+        return "align " + shlex.join([*kept, "resume=true"])
+    if args[:1] == ["pipeline"]:
+        return "align " + shlex.join(args)
+    return f"align {stage} <the same recipe and settings> output_dir={shlex.quote(str(run_dir))} resume=true"
+
+
+# ---------------------------------------------------------------- one owner per run folder (like git's index.lock)
+
+def lock_path(out: Path) -> Path:
+    """The lock file of run folder `out`: next to it, so moving a replaced run aside does not move the lock."""
+    out = Path(out).absolute()
+    return out.with_name(f".{out.name}.align-lock")
+
+
+def _start_ticks(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc on Linux), so a reused pid is not the owner."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_alive(owner: dict[str, Any]) -> bool:
+    """Is the process a lock names still running? Another host's process cannot be checked: it counts as alive."""
+    if owner.get("host") != socket.gethostname():
+        return True
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    started = _start_ticks(pid)
+    return owner.get("started") is None or started is None or started == owner.get("started")
+
+
+def _read_lock(path: Path) -> tuple[str, dict[str, Any] | None]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return "", None
+    try:
+        owner = json.loads(text)
+    except json.JSONDecodeError:
+        return text, None
+    return text, owner if isinstance(owner, dict) else None
+
+
+def take_lock(out: Path) -> Path:
+    """Make this process the one owner of run folder `out`, atomically (a hard link of a complete lock file, so no
+    one ever reads a half-written lock). A lock whose process is gone is stale and taken over; a live owner's lock
+    is an AlignError naming its pid and host. Taking a lock this process already holds is a no-op."""
+    path = lock_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _start_ticks(os.getpid()), "since": now(),
+          "command": " ".join(sys.argv)[:300]}
+    for _ in range(5):
+        if _create_exclusive(path, json.dumps(me) + "\n"):
+            return path
+        text, owner = _read_lock(path)
+        if owner is None and text == "" and not path.exists():
+            continue  # released meanwhile: try again
+        if owner is not None and owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
+            return path
+        if owner is not None and _owner_alive(owner):
+            raise AlignError(f"output_dir {out} is in use by another align run (pid {owner.get('pid')} on "
+                             f"{owner.get('host')}, since {owner.get('since')}: {owner.get('command', '')}); wait for "
+                             f"it to finish or stop it. If that process is gone, delete {path}")
+        _remove_stale(path, text)
+    raise AlignError(f"output_dir {out}: could not take the lock {path}; another run keeps taking it")
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    """Create `path` holding `text` unless it exists (False then)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: exclusive create (a reader may see it empty briefly)
+            try:
+                fd2 = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd2, "w") as f:
+                f.write(text)
+            return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _remove_stale(path: Path, seen: str) -> None:
+    """Remove a stale lock, unless someone replaced it since we read it (then it is put back)."""
+    grave = path.with_name(f"{path.name}.stale-{os.getpid()}")
+    try:
+        os.replace(path, grave)
+    except FileNotFoundError:
+        return
+    try:
+        if grave.read_text() != seen:
+            try:
+                os.link(grave, path)
+            except FileExistsError:
+                pass
+    finally:
+        grave.unlink(missing_ok=True)
+
+
+def release_lock(out: Path) -> None:
+    """Remove run folder `out`'s lock if this process holds it."""
+    path = lock_path(out)
+    _, owner = _read_lock(path)
+    if owner is not None and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- stop signals: a checkpoint, then a clean exit
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal. A KeyboardInterrupt, so every Ctrl-C path (CLI exit 130, the pipeline's
+    `interrupted` step) handles it."""
+
+
+# signal: the first stop signal's name; boundary: a training loop polls stop_requested() at each step
+_STOP: dict[str, Any] = {"signal": None, "boundary": False, "previous": {}}
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    name = signal.Signals(signum).name
+    if _STOP["signal"] is None and _STOP["boundary"]:
+        _STOP["signal"] = name
+        print(f"align: {name}: stopping after this step with a checkpoint (send it again to stop at once)",
+              file=sys.stderr, flush=True)
+        return
+    _STOP["signal"] = _STOP["signal"] or name
+    raise Interrupted(name)
+
+
+def watch_stop_signals() -> None:
+    """SIGTERM (a scheduler's notice) and SIGINT (Ctrl-C) stop the run: at the next step boundary when a training
+    loop is polling `stop_requested()`, else at once; a second signal always stops at once. Main thread only."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or _STOP["previous"]:
+        return
+    _STOP["signal"] = None
+    for sig in STOP_SIGNALS:
+        _STOP["previous"][sig] = signal.signal(sig, _on_stop_signal)
+
+
+def restore_signal_handlers() -> None:
+    """Put back the handlers `watch_stop_signals` replaced (when this process has no active run left)."""
+    for sig, handler in _STOP["previous"].items():
+        signal.signal(sig, handler)
+    _STOP.update(previous={}, boundary=False)
+
+
+def at_step_boundaries(on: bool) -> None:
+    """A training loop starts (True) or stops (False) polling `stop_requested()` at each step boundary."""
+    _STOP["boundary"] = on
+
+
+def stop_requested(sync: bool = False) -> str | None:
+    """The stop signal's name once one arrived, else None. With `sync`, every process of a multi-process run must
+    call it at the same step: it is then true on all of them when any got a signal, so they stop together."""
+    if sync:
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([1 if _STOP["signal"] else 0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not _STOP["signal"]:
+                _STOP["signal"] = "SIGTERM (on another process)"
+    return _STOP["signal"]
+
+
+def interrupt_active_runs(detail: str = "") -> None:
+    """Mark this process's unfinished runs `interrupted` (after the loop saved its checkpoint) and raise
+    Interrupted: the one call a training loop makes when `stop_requested()`."""
+    name = _STOP["signal"] or "a signal"
+    for run in _ACTIVE.copy():  # each one leaves _ACTIVE as it is marked
+        run.interrupt(name, detail)
+    raise Interrupted(name)
+
+
+# ---------------------------------------------------------------- checkpoints that rot
+
+FILES_RECORD = "align-files.json"
+
+
+def record_files(folder: Path) -> None:
+    """Record the size and sha256 of every file of a complete checkpoint folder (written last, atomically), so a
+    file that rots later (truncated, overwritten) is found before it is resumed from."""
+    folder = Path(folder)
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_path(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != FILES_RECORD}
+    atomic_write_json(folder / FILES_RECORD, files)
+
+
+def damaged_file(folder: Path) -> str | None:
+    """How a checkpoint differs from its record ("model.safetensors: 812 bytes, recorded 2,048"), or None when it
+    matches. A checkpoint without a record (written by an older align) is not checked."""
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / FILES_RECORD).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return f"{folder / FILES_RECORD}: unreadable"
+    for name, want in record.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{path}: {size:,} bytes, recorded {want['size']:,}"
+        if sha256_path(path) != want["sha256"]:
+            return f"{path}: contents changed since it was saved (sha256 differs)"
+    return None
+
+
+def newest_sound_checkpoint(candidates: list[Path], step: Any) -> Path | None:
+    """The newest of `candidates` (complete checkpoint folders; `step(path)` gives a folder's step) whose files
+    match their record. A damaged newer one is skipped with a line saying so; when every one is damaged, an
+    AlignError names the bad file."""
+    damaged: list[str] = []
+    for path in sorted(candidates, key=step, reverse=True):
+        bad = damaged_file(path)
+        if bad is None:
+            if damaged:
+                print(f"resume: skipping damaged checkpoint(s) ({'; '.join(damaged)}); resuming from {path}",
+                      file=sys.stderr, flush=True)
+            return path
+        damaged.append(bad)
+    if damaged:
+        raise AlignError(f"resume=true: every checkpoint is damaged ({'; '.join(damaged)}); restore the files, or "
+                         f"start again with overwrite=true")
+    return None
 
 
 # ---------------------------------------------------------------- fingerprints and resume
@@ -409,28 +744,44 @@ def start_run(stage: str, cfg: Any, *, resume: bool = False) -> Run:
     """
     out = Path(cfg.output_dir)
     config = to_dict(cfg)
+    watch_stop_signals()
     if process_rank() != 0:  # other processes of a multi-process run: the main process owns the folder
         return Run(dir=out, stage=stage, config=config, started_at=now(), is_main=False)
-    if out.exists() and not out.is_dir():
-        raise AlignError(f"output_dir {out} exists and is not a folder; choose another output_dir")
-    previous_manifest, backup = None, None
-    if out.is_dir() and any(out.iterdir()):
-        if resume:
-            previous_manifest = check_resumable(out, stage, config, getattr(type(cfg), "RESUME_IGNORES", ()))
-        elif getattr(cfg, "overwrite", False):
-            check_replaceable(out, stage, config)
-            backup = out.with_name(f".{out.name}.align-previous")
-            if backup.exists():
-                shutil.rmtree(backup)  # left by a killed earlier replace: ours
-            os.replace(out, backup)
-        else:
-            raise AlignError(f"output_dir {out} already has files; pass overwrite=true to replace them, "
-                             f"resume=true to continue, or choose another output_dir=...")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    run = Run(dir=out, stage=stage, config=config,
-              started_at=(previous_manifest or {}).get("started_at") or now(), previous=backup)
-    run.extra["processes"] = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    run.write_manifest("running")
+    _LAST_STARTED[:] = [out]  # named by disk_full_message even when the run failed before it was active
+    take_lock(out)  # before anything is written: a second launch or resume into this folder is refused
+    backup = out.absolute().with_name(f".{out.absolute().name}.align-previous")
+    moved = False
+    try:
+        if out.exists() and not out.is_dir():
+            raise AlignError(f"output_dir {out} exists and is not a folder; choose another output_dir")
+        previous_manifest = None
+        if out.is_dir() and any(out.iterdir()):
+            if resume:
+                previous_manifest = check_resumable(out, stage, config, getattr(type(cfg), "RESUME_IGNORES", ()))
+            elif getattr(cfg, "overwrite", False):
+                check_replaceable(out, stage, config)
+                if backup.exists():
+                    shutil.rmtree(backup)  # left by a killed earlier replace: ours
+                os.replace(out, backup)
+                moved = True
+            else:
+                raise AlignError(f"output_dir {out} already has files; pass overwrite=true to replace them, "
+                                 f"resume=true to continue, or choose another output_dir=...")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        # an interrupted overwrite kept the run it replaces aside: the resumed run deletes it when it finishes
+        keep_aside = moved or (resume and backup.is_dir())
+        run = Run(dir=out, stage=stage, config=config,
+                  started_at=(previous_manifest or {}).get("started_at") or now(), previous=backup if keep_aside else None)
+        run.extra["processes"] = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        run.write_manifest("running")
+    except BaseException:
+        if moved:  # e.g. a full disk while writing the new config: the old run goes back as it was
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(backup, out)
+        release_lock(out)
+        if not _ACTIVE:
+            restore_signal_handlers()
+        raise
     _ACTIVE.append(run)
     return run

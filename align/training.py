@@ -11,6 +11,7 @@ import torch
 
 from align.config import opt
 from align.errors import ConfigError
+from align.tracking import TRACKERS_HELP, TrackerName, check_trackers
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class TrainSettings:
     early_stopping_patience: int = opt(0, "stop after N evaluations without improvement (0: off)", ge=0)
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
     progress: bool = opt(True, "show a progress bar")
+    report_to: list[TrackerName] = opt([], TRACKERS_HELP)
+
+    def __post_init__(self) -> None:
+        check_trackers(list(self.report_to))  # a missing tracker package fails before anything runs
 
 
 def total_steps(examples: int, t: TrainSettings) -> int:
@@ -71,7 +76,7 @@ def trainer_kwargs(t: TrainSettings, run_dir: Path, *, seed: int, has_eval: bool
         "load_best_model_at_end": bool(has_eval and t.early_stopping_patience),
         "metric_for_best_model": "eval_loss" if has_eval else None,
         "greater_is_better": False,
-        "report_to": "none",  # TensorBoard is attached explicitly (tb_callback) so the logs land in the run folder
+        "report_to": "none",  # TensorBoard (in the run folder) and train.report_to are attached in callbacks()
         "disable_tqdm": not t.progress,
         "seed": seed,
         "data_seed": seed,
@@ -117,16 +122,70 @@ def callbacks(t: TrainSettings, run_dir: Path, has_eval: bool) -> list[Any]:
         out.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(Path(run_dir) / "tb"))))
     if has_eval and t.early_stopping_patience:
         out.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+    out.append(run_callback())
+    if [n for n in t.report_to if n != "tensorboard"]:  # MLflow / W&B, with the metric names every stage uses
+        from align.tracking import trainer_callback
+
+        out.append(trainer_callback(Path(run_dir), list(t.report_to)))
     return out
 
 
+def run_callback() -> Any:
+    """A TrainerCallback that (1) records each checkpoint's file sizes and hashes when it is saved, and (2) on
+    SIGTERM/SIGINT stops at the next step boundary: the Trainer saves a checkpoint and leaves its loop, then the
+    run is marked `interrupted` and `runs.Interrupted` is raised (exit 130 from the CLI)."""
+    from transformers import TrainerCallback
+
+    from align.runs import at_step_boundaries, interrupt_active_runs, record_files, stop_requested
+
+    class RunCallback(TrainerCallback):
+        stopped_at: int | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            at_step_boundaries(True)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if stop_requested(sync=True):
+                control.should_save = control.should_training_stop = True
+                self.stopped_at = state.global_step
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and (folder / "trainer_state.json").is_file():
+                record_files(folder)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            at_step_boundaries(False)
+            if self.stopped_at is not None:
+                interrupt_active_runs(f" after step {self.stopped_at} (checkpoint "
+                                      f"{Path(args.output_dir) / f'checkpoint-{self.stopped_at}'})")
+
+    return RunCallback()
+
+
 def last_checkpoint(run_dir: Path) -> str | None:
-    """The newest complete `checkpoints/checkpoint-N` folder, for resume. The Trainer writes trainer_state.json
-    last, so a checkpoint without it (or without its RNG state) was torn by a kill mid-save and is skipped."""
+    """The newest sound `checkpoints/checkpoint-N` folder, for resume. The Trainer writes trainer_state.json
+    last, so a checkpoint without it whole (or without its RNG state) was torn by a kill or a full disk mid-save
+    and is skipped; one whose files no longer match their record (rotted after it completed) is skipped with a
+    line saying so."""
+    from align.runs import newest_sound_checkpoint
+
     complete = [p for p in (Path(run_dir) / "checkpoints").glob("checkpoint-*")
-                if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
+                if p.name.split("-")[-1].isdigit() and _whole_json(p / "trainer_state.json")
                 and any(p.glob("rng_state*.pth"))]
-    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+    found = newest_sound_checkpoint(complete, lambda p: int(p.name.split("-")[-1]))
+    return str(found) if found else None
+
+
+def _whole_json(path: Path) -> bool:
+    """Is `path` a complete JSON file? (A full disk can cut trainer_state.json, the file written last.)"""
+    import json
+
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def history_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:

@@ -51,7 +51,7 @@ SYSTEM = "You are a kitchen helper."
 N_SFT_VALID = 40
 N_SFT_EXTRA = 20  # train rows beyond one per (ingredient, question): the same pair, another phrasing/style
 N_PROMPTS_TRAIN = 200
-EVAL_QTYPES_PER_INGREDIENT = 6
+EVAL_PHRASINGS = 2  # held-out prompts per (held-out ingredient, question type), each worded differently: 8 x 8 x 2
 MAX_HOUSE_WORDS = 40
 
 
@@ -695,17 +695,17 @@ def make_prompts(train: list[Facts], held: list[Facts], rng: random.Random) -> t
     train_rows = [{"prompt": [{"role": "user", "content": question(f, q, "sft", rng)}],
                    "meta": {"ingredient": f.key, "id": f"train-{i:04d}", "qtype": q}}
                   for i, (f, q) in enumerate(pairs, start=1)]
+    # Every (held-out ingredient, question type) EVAL_PHRASINGS times, in passes: the first pass asks each pair
+    # once, so the first 64 rows (the pipeline's eval) already cover every ingredient and question type.
+    wordings = {(f.key, q): rng.sample([*QUESTIONS[q]["sft"], *QUESTIONS[q]["human"]], EVAL_PHRASINGS)
+                for f in held for q in QTYPES}
     eval_rows = []
-    for j, f in enumerate(held):
-        n_skip = len(QTYPES) - EVAL_QTYPES_PER_INGREDIENT  # rotate the left-out question types
-        skip = {QTYPES[(n_skip * j + k) % len(QTYPES)] for k in range(n_skip)}
-        for q in QTYPES:
-            if q in skip:
-                continue
-            split = rng.choice(("sft", "human"))
-            eval_rows.append({"prompt": [{"role": "user", "content": question(f, q, split, rng)}],
-                              "meta": {"ingredient": f.key, "id": f"eval-{len(eval_rows) + 1:03d}", "qtype": q,
-                                       "reference": house_answer(f, q, rng)}})
+    for k in range(EVAL_PHRASINGS):
+        for f in held:
+            for q in QTYPES:
+                eval_rows.append({"prompt": [{"role": "user", "content": fill(wordings[(f.key, q)][k], f)}],
+                                  "meta": {"ingredient": f.key, "id": f"eval-{len(eval_rows) + 1:03d}", "qtype": q,
+                                           "reference": house_answer(f, q, rng)}})
     return train_rows, eval_rows
 
 

@@ -105,7 +105,12 @@ def test_fsdp_config_gives_full_shard_with_the_lora_settings(launched_env, monke
             FullyShardedDataParallelPlugin()
         import accelerate.utils.dataclasses as acc_dataclasses
 
-        monkeypatch.setattr(acc_dataclasses, "is_cuda_available", lambda: True)
+        # Pretend a GPU, the way this accelerate release asks for one (1.15: is_cuda_available; 1.16+: the torch
+        # accelerator backend), so the rest of the plugin's settings can be checked on a CPU machine.
+        if hasattr(acc_dataclasses, "get_torch_accelerator_backend"):
+            monkeypatch.setattr(acc_dataclasses, "get_torch_accelerator_backend", lambda *a, **k: ("cuda", torch.cuda))
+        else:
+            monkeypatch.setattr(acc_dataclasses, "is_cuda_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     plugin = FullyShardedDataParallelPlugin()
     assert plugin.sharding_strategy == ShardingStrategy.FULL_SHARD

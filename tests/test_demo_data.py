@@ -66,7 +66,7 @@ def test_counts_and_every_file_parses():
     train, valid = read_sft(DATA / "sft/train.jsonl"), read_sft(DATA / "sft/valid.jsonl")
     assert len(train) >= 320 and 30 <= len(valid) <= 50 and len(train) + len(valid) >= 300
     assert 180 <= len(read_prompts(DATA / "prompts/train.jsonl")) <= 220
-    assert len(read_prompts(DATA / "prompts/eval.jsonl")) == 48
+    assert len(read_prompts(DATA / "prompts/eval.jsonl")) == 128  # 8 held-out ingredients x 8 questions x 2
     assert len(_load("human/demo_labelstudio.json")) >= 300
 
 
@@ -186,3 +186,13 @@ def test_ingredient_vocabulary_matching():
     assert find_ingredient("Where do I keep eggs?") == "egg"
     assert find_ingredient("What about saffron?") is None
     assert mentions("Courgettes keep a week.", "zucchini") and not mentions("Eggplants keep.", "egg")
+
+
+def test_heldout_prompts_are_distinct_and_none_is_a_training_prompt():
+    texts = [r["prompt"][0]["content"] for r in _load("prompts/eval.jsonl")]
+    assert len(set(texts)) == len(texts)
+    trained = {s.strip().lower() for rel in TRAINING_FILES for s in _strings(_load(rel))}
+    assert not [t for t in texts if t.strip().lower() in trained]
+    # the first 64 rows (the pipeline's eval) ask every held-out ingredient every question type once
+    first = {(r["meta"]["ingredient"], r["meta"]["qtype"]) for r in _load("prompts/eval.jsonl")[:64]}
+    assert len(first) == 64

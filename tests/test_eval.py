@@ -104,7 +104,7 @@ def test_eval_adapters_kl_rewards_and_outputs(tmp_path: Path, prompts: Path, mod
     # A moved adapter samples differently and sits at a positive KL from its adapter-disabled base.
     assert any(text[("moved", i)] != text[("sft", i)] for i in range(N_PROMPTS))
     assert rows["moved"]["kl_to_reference"] > 0.01
-    assert "adapter disabled" in rows["moved"]["reference"]
+    assert rows["moved"]["reference"].endswith("(SFT)") and report["kl"]["estimator"] == "exact"
     assert rows["sft"]["kl_to_reference"] is None and rows["sft"]["win_rate"] is None  # full-model SFT
     # win counts agree with the judge scores written per sample
     moved = [s for s in samples if s["policy"] == "moved"]
@@ -117,7 +117,9 @@ def test_eval_adapters_kl_rewards_and_outputs(tmp_path: Path, prompts: Path, mod
     assert len(report["side_by_side"]) == 3 and set(report["side_by_side"][0]["responses"]) == {"sft", "zero",
                                                                                                 "moved"}
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["status"] == "completed" and manifest["metrics"]["moved_win_rate"] >= 0.0
+    moved_rate = (rows["moved"]["win_rate"]["wins"] + rows["moved"]["win_rate"]["ties"] / 2) / N_PROMPTS
+    assert manifest["status"] == "completed" and manifest["metrics"]["moved_win_rate"] == pytest.approx(moved_rate)
+    assert rows["moved"]["interval"]["mean"] == pytest.approx(moved_rate)
     assert manifest["metrics"]["zero_win_ties"] == N_PROMPTS
 
 
@@ -149,3 +151,78 @@ def test_eval_config_errors(tmp_path: Path, prompts: Path, models: dict[str, Pat
         eval_stage.run(config(tmp_path, prompts, models, f"policies=[{models['moved']}]", "judge=judges/nope.yaml"))
     with pytest.raises(ConfigError, match="policies is empty"):
         eval_stage.run(config(tmp_path, prompts, models, "policies=[]"))
+
+
+# ---------------------------------------------------------------- the exact KL
+
+class Bigram:
+    """A causal 'LM' whose next-token logits depend only on the last token: logits = table[token]."""
+
+    def __init__(self, table: list[list[float]]) -> None:
+        import torch
+
+        self.table = torch.tensor(table).log()  # rows are probabilities
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def parameters(self):  # model_device() asks for one
+        yield self.weight
+
+    def __call__(self, input_ids, logits_to_keep: int, **_: object):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.table[input_ids][:, -logits_to_keep:])
+
+
+def test_token_kl_on_a_three_word_vocabulary() -> None:
+    import math
+
+    import torch
+
+    p, q = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([0.25, 0.25, 0.5])
+    # KL(p‖q) = 0.5 ln 2 + 0.25 ln 1 + 0.25 ln 0.5 = 0.25 ln 2
+    assert eval_stage.token_kl(p.log(), q.log()).item() == pytest.approx(0.25 * math.log(2), abs=1e-6)
+    assert eval_stage.token_kl(p.log(), p.log()).item() == 0.0
+    # logits are unnormalised: shifting them changes nothing
+    assert eval_stage.token_kl(p.log() + 3.0, q.log() - 1.0).item() == pytest.approx(0.25 * math.log(2), abs=1e-6)
+
+
+def test_exact_sequence_kl_sums_the_per_prefix_kl_along_each_response() -> None:
+    import math
+
+    from align.generation import Sample
+
+    policy = Bigram([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]])
+    ref = Bigram([[0.25, 0.25, 0.5], [0.1, 0.1, 0.8], [1 / 3, 1 / 3, 1 / 3]])
+    kl0 = 0.25 * math.log(2)  # after token 0
+    kl1 = 0.8 * math.log(8) + 0.1 * math.log(1 / 8)  # after token 1: 0.7 ln 8
+    samples = [Sample("", [2, 0], [1, 2], True), Sample("", [0], [1], True), Sample("", [1], [0], True)]
+    # sample 1: its response tokens follow 0 then 1; sample 2 follows 0 (padded to width 2); sample 3 follows 1.
+    # What was sampled does not enter, only the prefixes: a KL, never negative.
+    got = eval_stage.exact_sequence_kl(policy, ref, samples, pad_id=2, chunk=2)
+    assert got == pytest.approx([kl0 + kl1, kl0, kl1], abs=1e-6)
+
+
+def test_a_stacked_adapter_is_measured_against_sft_not_its_own_base(
+        tmp_path: Path, prompts: Path, models: dict[str, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    from align.models.policy import point_adapter_at
+
+    # "stacked" = a zero adapter trained on top of "moved" (as online round 2 sits on round 1): it IS the moved
+    # policy, so its KL to SFT equals moved's; its adapter-disabled base (moved) would have given 0.
+    stacked = make_adapter(models["sft"], tmp_path / "stacked", 0.0)
+    point_adapter_at(stacked, models["moved"])
+    AutoTokenizer.from_pretrained(models["sft"]).save_pretrained(stacked)  # stages save one with every adapter
+    assert eval_stage.adapter_chain(stacked) == [stacked, models["moved"].resolve(), models["sft"].resolve()]
+    cfg = config(tmp_path, prompts, models, f"policies=[{models['moved']}, {stacked}]", "reward_model=",
+                 "max_prompts=2", "sampling_seeds=[5, 6]")
+    report = json.loads((eval_stage.run(cfg) / "eval.json").read_text())
+    rows = {r["name"]: r for r in report["policies"]}
+    assert rows["stacked"]["reference"] == rows["moved"]["reference"] and rows["moved"]["kl_to_reference"] > 0.01
+    assert rows["stacked"]["kl_to_reference"] == pytest.approx(rows["moved"]["kl_to_reference"], rel=1e-4)
+    # two sampling seeds: every prompt twice, the cells named in samples.jsonl
+    assert report["sampling_seeds"] == [5, 6] and rows["moved"]["win_rate"]["n"] + rows["moved"]["win_rate"][
+        "abstains"] == 4
+    cells = [(json.loads(x)["sampling_seed"], json.loads(x)["prompt_index"])
+             for x in (Path(cfg.output_dir) / "samples.jsonl").read_text().splitlines()[:4]]
+    assert cells == [(5, 0), (5, 1), (6, 0), (6, 1)]

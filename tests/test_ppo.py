@@ -208,3 +208,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_ppo_sigterm_checkpoints_the_step_and_resume_finishes_it(toy_policy: Path, tmp_path: Path,
+                                                                 one_thread: None) -> None:
+    """A scheduler's SIGTERM mid-run: PPO finishes the step it is in, checkpoints it (though save_every is not
+    due), marks the run `interrupted`, exits 130; resume=true then equals an uninterrupted run."""
+    out = tmp_path / "run"
+    args = [f"policy={toy_policy}", f"output_dir={out}", "reward.function=test_ppo:count_target", "ppo.steps=4",
+            "log.save_every=4", "data.eval_size=0"]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "align.cli", "ppo", str(TINY), *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while not (out / "metrics.jsonl").is_file():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no step after 180 s"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130, proc.stderr.read().decode()[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    stopped_at = int(max(json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()))
+    assert manifest["status"] == "interrupted" and stopped_at < 4
+    assert (out / "checkpoints" / f"step-{stopped_at}" / "state.json").is_file()  # saved at the signal's step
+
+    resumed = ppo.run(load_config(ppo.Config, TINY, [*args, "resume=true"]))
+    whole = ppo.run(load_config(ppo.Config, TINY, [*args, f"output_dir={tmp_path / 'whole'}"]))
+    a, b = (load_file(str(d / "model" / "adapter_model.safetensors")) for d in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)

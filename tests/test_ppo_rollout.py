@@ -116,9 +116,12 @@ def test_full_fine_tuning_copy_is_refreshed(tiny_model: Path) -> None:
 
 
 def test_ppo_samples_from_a_bf16_copy_and_still_learns(toy_policy: Path, tmp_path: Path, one_thread: None) -> None:
-    rows, adapter = run_ppo(toy_policy, tmp_path / "bf16", "engine.dtype=bfloat16", "ppo.steps=2")
-    assert len(rows) == 2 and all(r["time/generate"] > 0 for r in rows)
-    assert any(w.abs().sum() > 0 for k, w in adapter.items() if "lora_B" in k)
+    """Sampling from a bf16 copy while the trainer scores in fp32 still raises the reward (the criterion of
+    test_ppo.py's fp32 run): B matrices moving off zero alone would hold for a run that learned nothing."""
+    rows, _ = run_ppo(toy_policy, tmp_path / "bf16", "engine.dtype=bfloat16", "ppo.steps=8", "log.save_every=8")
+    assert len(rows) == 8 and all(r["time/generate"] > 0 for r in rows)
+    first, last = rows[0]["reward/mean"], sum(r["reward/mean"] for r in rows[-2:]) / 2
+    assert last > 2 * first and last > first + 0.1 / 12, [r["reward/mean"] for r in rows]
 
 
 def test_reference_copy_is_the_adapter_free_model_and_never_moves(tiny_model: Path) -> None:

@@ -296,3 +296,49 @@ def test_recipes_load() -> None:
     for path in (REPO / "stages/reward.yaml", REPO / "stages/tiny/reward.yaml"):
         load_config(reward.Config, path)
     load_config(score.Config, REPO / "stages/score.yaml")
+
+
+# ---- free baselines ----
+
+def test_baseline_accuracies_and_the_warning_by_hand() -> None:
+    from align.reward_model import baseline_accuracies, baseline_warning
+
+    # log-likelihood: pairs 1 and 3 prefer chosen, pair 2 rejected, pair 4 ties -> (1 + 0 + 1 + 0.5) / 4
+    # length: chosen longer in pair 2 only, pair 4 the same length -> (0 + 1 + 0 + 0.5) / 4
+    acc = baseline_accuracies([-5.0, -9.0, -2.0, -4.0], [-6.0, -3.0, -7.0, -4.0], [10, 30, 5, 8], [20, 12, 9, 8])
+    assert acc == {"loglik_ratio": pytest.approx(0.625), "longer_wins": pytest.approx(0.375)}
+    assert baseline_warning(0.7, acc) is None
+    line = baseline_warning(0.6, acc)
+    assert "loglik ratio (0.625)" in line and "longer" not in line and "\n" not in line
+    assert "longer wins (0.375)" in baseline_warning(0.375, acc)  # equal is not better
+
+
+def test_response_logprobs_sum_the_response_tokens(tiny_model: Path, toy_files: tuple[Path, Path]) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.data.records import read_preferences
+    from align.models.load import chat_ids
+    from align.reward_model import response_logprobs
+
+    lm, tok = AutoModelForCausalLM.from_pretrained(tiny_model).eval(), AutoTokenizer.from_pretrained(tiny_model)
+    records = read_preferences(toy_files[1])[:3]
+    chosen, rejected = response_logprobs(lm, tok, records, batch_size=2)
+    for r, got in zip(records, rejected):  # by hand: one unpadded forward, the log-softmax at each response token
+        head = chat_ids(tok, r.prompt, add_generation_prompt=True)
+        full = encode(tok, r.prompt, r.rejected)
+        assert full[:len(head)] == head
+        with torch.no_grad():
+            logp = lm(torch.tensor([full])).logits[0].log_softmax(-1)
+        want = sum(logp[i - 1, full[i]].item() for i in range(len(head), len(full)))
+        assert got == pytest.approx(want, abs=1e-4)
+    assert len(chosen) == 3 and all(c < 0 for c in chosen)
+
+
+def test_reward_stage_reports_its_free_baselines(trained: Path) -> None:
+    manifest = json.loads((trained / "manifest.json").read_text())
+    m = manifest["metrics"]
+    # every toy chosen answer ("Boil the rice gently. Tip: salt it first.") is shorter than its rejected one
+    assert m["heldout_baseline_longer_wins_accuracy"] == 0.0
+    assert manifest["baselines"]["accuracy"]["loglik_ratio"] == m["heldout_baseline_loglik_ratio_accuracy"]
+    assert manifest["baselines"]["beats_both"] is (m["heldout_accuracy"] > max(
+        m["heldout_baseline_longer_wins_accuracy"], m["heldout_baseline_loglik_ratio_accuracy"]))

@@ -286,3 +286,152 @@ def test_llm_judge_logprob_verdicts_on_the_vllm_backend(vllm, tiny_model: Path) 
                                       for _, sp, _ in requests)
     prefix = judge.sampler.tokenizer.encode("Verdict:", add_special_tokens=False)
     assert all(ids[-len(prefix):] == prefix for ids, _, _ in requests)
+
+
+# ---- stacked adapters, served dtype, memory ----
+
+def adapter_chain(tiny_model: Path, root: Path) -> list[Path]:
+    """SFT adapter on the tiny model -> DPO adapter on the SFT one -> online adapter on the DPO one, each saved with
+    its tokenizer and naming the one below as its base, as the stages save them."""
+    from align.models.load import load_tokenizer
+
+    chain, base = [], tiny_model
+    for seed, name in enumerate(("sft", "dpo", "online"), start=1):
+        adapter = save_adapter(tiny_model, root / name, seed=seed)
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(base)}))
+        load_tokenizer(tiny_model).save_pretrained(adapter)
+        chain.append(adapter)
+        base = adapter
+    return chain
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_a_stacked_adapter_is_served_on_its_merged_base(vllm, tiny_model: Path, tmp_path: Path, cache: Path) -> None:
+    """online adapter on a DPO adapter on an SFT adapter: vLLM's base must be a model folder, so the SFT + DPO
+    adapters are merged into one (saved in the served dtype) and the online adapter goes as a LoRA request."""
+    import torch
+    from safetensors.torch import load_file
+
+    from align.models.load import load_model
+
+    _, dpo, online = adapter_chain(tiny_model, tmp_path)
+    sampler = build_sampler(online, BackendSettings(backend="vllm"), verbose=False)
+    base = Path(sampler.llm.engine_args["model"])
+    assert base.parent == cache / "merged" and (base / "config.json").is_file()  # a plain folder, not dpo/
+    assert sampler.lora_request.lora_path == str(online.resolve())
+    assert sampler.llm.engine_args["dtype"] == "bfloat16" == sampler.llm.served_dtype  # stated, never "auto"
+    assert json.loads((base / "config.json").read_text())["dtype"] == "bfloat16"
+    # the merged base is exactly the SFT + DPO model (merged in float32), rounded once to bf16
+    expected = load_model(dpo, dtype="float32").to(torch.bfloat16).state_dict()
+    saved = load_file(str(base / "model.safetensors"))
+    assert saved and all(torch.equal(saved[k], expected[k]) for k in saved)
+    assert not torch.equal(saved["model.layers.0.self_attn.q_proj.weight"],
+                           load_model(tiny_model, dtype="float32").to(torch.bfloat16).state_dict()[
+                               "model.layers.0.self_attn.q_proj.weight"])  # the adapters are in it
+    assert sampler.generate(PROMPTS, SamplingSettings(max_new_tokens=4))[0][0].response_ids
+    # the same chain again: the merge is reused, not redone
+    again = build_sampler(online, BackendSettings(backend="vllm"), verbose=False)
+    assert Path(again.llm.engine_args["model"]) == base and len(list((cache / "merged").iterdir())) == 1
+
+
+def test_the_fake_refuses_an_adapter_folder_as_the_base(vllm, tiny_model: Path, tmp_path: Path) -> None:
+    """What generate/online did before: base_of_adapter(online adapter) is the DPO adapter folder."""
+    _, dpo, _ = adapter_chain(tiny_model, tmp_path)
+    with pytest.raises(OSError, match="config.json"):
+        vllm.LLM(model=str(dpo))
+
+
+def test_a_dora_adapter_is_merged_whole(vllm, tiny_model: Path, tmp_path: Path, cache: Path) -> None:
+    online = adapter_chain(tiny_model, tmp_path)[-1]
+    config = json.loads((online / "adapter_config.json").read_text())
+    (online / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+    sampler = build_sampler(online, BackendSettings(backend="vllm", dtype="float16"), verbose=False)
+    assert sampler.lora_request is None and sampler.llm.engine_args["enable_lora"] is False
+    assert sampler.llm.served_dtype == "float16"
+
+
+def test_a_float32_folder_is_served_in_the_dtype_asked(vllm, tiny_model: Path) -> None:
+    """vLLM's own auto would serve the float32 tiny model in float16; align always states the dtype."""
+    assert json.loads((tiny_model / "config.json").read_text()).get("dtype", "float32") == "float32"
+    assert vllm.LLM(model=str(tiny_model)).served_dtype == "float16"  # the pitfall, mirrored
+    sampler = build_sampler(tiny_model, BackendSettings(backend="vllm"), verbose=False)
+    assert sampler.llm.engine_args["dtype"] == sampler.llm.served_dtype == "bfloat16"
+
+
+def test_sleep_mode_frees_the_engine_between_rollouts_and_close_shuts_it_down(vllm, tiny_model: Path) -> None:
+    from vllm import distributed
+
+    from align.generation.vllm import close_engines
+    from align.models.load import load_tokenizer
+
+    plain = vllm_sampler(tiny_model, load_tokenizer(tiny_model), ENGINE)
+    with pytest.raises(AssertionError, match="Sleep mode is not enabled"):
+        plain.llm.sleep()
+    plain.sleep()  # without sleep mode: a no-op, not vLLM's assertion
+    settings = BackendSettings(backend="vllm", dtype="float32", sleep=True, gpu_memory_utilization=0.3)
+    sampler = vllm_sampler(tiny_model, load_tokenizer(tiny_model), settings)
+    assert sampler.llm.engine_args["enable_sleep_mode"] is True
+    sampler.sleep()
+    assert sampler.llm.sleeping
+    assert sampler.generate(PROMPTS[:1], SamplingSettings(max_new_tokens=3))  # woken first (the fake asserts)
+    assert not sampler.llm.sleeping
+    calls = distributed.calls
+    closed = close_engines()
+    assert [(e["gpu_memory_utilization"], e["sleep_mode"]) for e in closed[-2:]] == [(0.85, False), (0.3, True)]
+    assert sampler.llm is None and plain.llm is None and distributed.calls == calls + 2
+    assert close_engines() == []
+
+
+def test_generate_and_ppo_run_on_a_stacked_adapter(vllm, tiny_model: Path, tmp_path: Path, cache: Path,
+                                                   one_thread: None) -> None:
+    from conftest import write_jsonl
+
+    from align.cli import main
+    from align.config import load_config
+    from align.stages import ppo
+
+    _, _, online = adapter_chain(tiny_model, tmp_path)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in ("Basil?", "Eggs?")])
+    assert main(["generate", str(ROOT / "stages/tiny/generate.yaml"), f"model={online}", f"prompts={prompts}",
+                 f"output_dir={tmp_path / 'gen'}", "engine.backend=vllm", "chunk=0"]) == 0
+    assert (tmp_path / "gen" / "samples.jsonl").read_text().count("\n") == 2
+
+    out = ppo.run(load_config(ppo.Config, ROOT / "stages/tiny/ppo.yaml", [
+        f"policy={online}", f"output_dir={tmp_path / 'ppo'}", "reward.function=conftest:count_e",
+        "engine.backend=vllm", "engine.sleep=true", "ppo.steps=1", "ppo.batch_size=4", "ppo.mini_batch_size=4",
+        "data.eval_size=0", "sampling.max_new_tokens=4"]))
+    engine = json.loads((out / "manifest.json").read_text())["engine"]
+    base = Path(engine["model"])
+    assert base.parent == cache / "merged" and base.name.startswith("online-bfloat16-")  # the whole chain merged
+    assert (engine["dtype"], engine["gpu_memory_utilization"], engine["sleep_mode"]) == ("bfloat16", 0.3, True)
+
+
+def test_online_rounds_sample_a_stacked_adapter_and_close_each_engine(vllm, tiny_model: Path, tmp_path: Path,
+                                                                     cache: Path, one_thread: None,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 2 samples from round 1's DPO adapter, itself trained on the SFT adapter: a chain vLLM can only serve on
+    a merged base. Every generate substage's engine is shut down before the judge and DPO substages run."""
+    import align.generation.vllm as backend
+    from align.config import load_config
+    from align.stages import online
+
+    monkeypatch.setattr(backend, "vllm_available", lambda: True)  # engine.backend=auto picks vLLM, as on a GPU
+    sft = adapter_chain(tiny_model, tmp_path)[0]
+    backend.close_engines()
+    open_at_start: list[int] = []  # engines alive when each substage starts
+    original = online.substage
+    monkeypatch.setattr(online, "substage", lambda *a: (open_at_start.append(len(backend._OPEN)), original(*a))[1])
+    out = online.run(load_config(online.Config, ROOT / "stages/tiny/online.yaml", [
+        f"policy={sft}", f"output_dir={tmp_path / 'run'}", "rounds=2", "prompts_per_round=4", "k=2",
+        "train.max_steps=2"]))
+    engines = json.loads((out / "manifest.json").read_text())["engines"]
+    assert [(e["round"], e["stage"]) for e in engines] == [(1, "generate"), (2, "generate")]
+    assert Path(engines[0]["model"]) == tiny_model  # round 1: the SFT adapter as a LoRA request on its base
+    assert Path(engines[1]["model"]).parent == cache / "merged"  # round 2: SFT merged, round 1's DPO as LoRA
+    assert open_at_start == [0] * 8 and len(backend._OPEN) == 0

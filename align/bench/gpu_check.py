@@ -4,8 +4,11 @@ carry), in a few minutes on one GPU. Prints a table; exit code 1 when a check fa
     make gpu-check                          (python -m align.bench.gpu_check [key=value ...])
 
 Checks: sft in bf16, reward, dpo, ppo (dtype auto, i.e. bf16 on a GPU that has it), sft and ppo with QLoRA when
-bitsandbytes imports, the vLLM sampler (generate, adapter swap, weight reload, log-probs) when vllm imports, and
-a 2-process ppo run under accelerate (stages/accelerate/ddp.yaml) when 2 GPUs exist. Each stage runs through its
+bitsandbytes imports, ppo sampling from a bf16 copy (the logged log-prob mismatch is non-zero, ppo.tis_cap on), the
+vLLM sampler (generate, adapter swap, weight reload, log-probs) and a stacked SFT -> DPO -> online adapter chain
+served on its merged base with sleep mode and a measured shutdown, ppo on vLLM colocated (0.3 share, sleep) when
+vllm imports, and, when 2 GPUs exist, a 2-process ppo run under accelerate (stages/accelerate/ddp.yaml) whose first
+update is compared with a 1-process run on the same 8 prompts. Each stage runs through its
 `run(cfg)` on its tiny recipe (stages/tiny/) in a temporary folder. A check whose packages are missing (trl,
 datasets, bitsandbytes, vllm, ...) is a SKIP row that names them, not a failure.
 Without CUDA it prints one "no GPU" row and exits 0; `cpu=true` runs the same stage checks on the CPU instead
@@ -210,15 +213,103 @@ def check_vllm(ctx: Ctx) -> str:
     return f"{len(lps)} sampled tokens with log-probs; 2 adapter swaps; weights reloaded"
 
 
-def check_two_processes(ctx: Ctx, timeout: int) -> str:
-    """ppo with 2 processes (one per GPU) under accelerate and the shipped DDP config."""
+def check_ppo_mismatch(ctx: Ctx) -> str:
+    """ppo trained in float32, sampled from a bf16 copy: the logged sampler/trainer log-prob gap is non-zero, and
+    the truncated importance-sampling correction (ppo.tis_cap) runs."""
+    summary = run_stage(ctx, "ppo", "ppo", [*ppo_overrides(ctx, "ppo-tis"), "dtype=float32", "engine.dtype=bfloat16",
+                                            "ppo.tis_cap=2.0"])
+    rows = [json.loads(line) for line in (Path(ctx.out("ppo-tis")) / "metrics.jsonl").read_text().splitlines()]
+    gap = [r["sampler/logprob_absdiff"] for r in rows]
+    if not all(math.isfinite(g) and g > 0 for g in gap):
+        raise RuntimeError(f"sampler/logprob_absdiff {gap}: expected > 0 for a bf16 sampler")
+    return f"{summary}; |Δ logprob| per token {', '.join(f'{g:.2g}' for g in gap)}"
+
+
+def adapter_chain(ctx: Ctx) -> list[Path]:
+    """SFT -> DPO -> online LoRA adapters on the tiny model, each naming the one below as its base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from align.models.load import load_model, load_tokenizer
+
+    chain, base = [], ctx.model
+    for seed, name in enumerate(("sft", "dpo", "online"), start=1):
+        torch.manual_seed(seed)
+        model = get_peft_model(load_model(ctx.model, dtype="float32"),
+                               LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                          init_lora_weights=False))
+        out = ctx.work / "chain" / name
+        model.save_pretrained(out)
+        load_tokenizer(ctx.model).save_pretrained(out)
+        config = json.loads((out / "adapter_config.json").read_text())
+        (out / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(base)}))
+        chain.append(out)
+        base = out
+    return chain
+
+
+def check_vllm_stacked(ctx: Ctx) -> str:
+    """A stacked adapter chain on the real engine (merged base in bf16 + the top LoRA), sleep/wake, and the GPU
+    memory given back by close()."""
+    import torch
+
+    from align.generation import SamplingSettings
+    from align.generation.select import BackendSettings, build_sampler
+
+    os.environ["ALIGN_CACHE"] = str(ctx.work / "cache")
+    online = adapter_chain(ctx)[-1]
+    free_before = torch.cuda.mem_get_info()[0]
+    engine = BackendSettings(backend="vllm", gpu_memory_utilization=0.25, max_model_len=512, sleep=True)
+    sampler = build_sampler(online, engine, verbose=False)
+    info = sampler.describe()
+    if Path(info["model"]).parent.name != "merged" or info["dtype"] != "bfloat16":
+        raise RuntimeError(f"served {info['model']} in {info['dtype']}: expected a merged bf16 base")
+    params = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=8)
+    sampler.generate([[{"role": "user", "content": "Basil?"}]] * 2, params)
+    sampler.sleep()
+    asleep = torch.cuda.mem_get_info()[0]
+    sampler.generate([[{"role": "user", "content": "Leeks?"}]] * 2, params)
+    sampler.close()
+    torch.cuda.synchronize()
+    free_after = torch.cuda.mem_get_info()[0]
+    gib = 2**30
+    return (f"merged base + LoRA served; free GPU memory {free_before / gib:.1f} GiB before, "
+            f"{asleep / gib:.1f} asleep, {free_after / gib:.1f} after close")
+
+
+def check_ppo_vllm(ctx: Ctx) -> str:
+    """ppo with rollouts from a colocated vLLM engine (0.3 of the GPU, sleep mode) on a stacked policy."""
+    os.environ["ALIGN_CACHE"] = str(ctx.work / "cache")
+    online = adapter_chain(ctx)[-1]
+    summary = run_stage(ctx, "ppo", "ppo", [*ppo_overrides(ctx, "ppo-vllm"), f"policy={online}",
+                                            "engine.backend=vllm", "engine.sleep=true", "engine.max_model_len=512"])
+    rows = [json.loads(line) for line in (Path(ctx.out("ppo-vllm")) / "metrics.jsonl").read_text().splitlines()]
+    return f"{summary}; |Δ logprob| vLLM vs trainer {rows[-1]['sampler/logprob_absdiff']:.2g}"
+
+
+def launch_ppo(ctx: Ctx, name: str, processes: int, overrides: list[str], timeout: int) -> Path:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "stages/accelerate/ddp.yaml"), "--num_processes", "2", "-m", "align.cli", "ppo",
-           str(TINY / "ppo.yaml"), *ppo_overrides(ctx, "ppo-2gpu")]
+           str(ROOT / "stages/accelerate/ddp.yaml"), "--num_processes", str(processes), "-m", "align.cli", "ppo",
+           str(TINY / "ppo.yaml"), *ppo_overrides(ctx, name), *overrides]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"exit {done.returncode}: {(done.stderr or done.stdout).strip()[-400:]}")
-    return finished(Path(ctx.out("ppo-2gpu"))) + "; 2 processes"
+    return Path(ctx.out(name))
+
+
+def check_two_processes(ctx: Ctx, timeout: int) -> str:
+    """ppo on 2 processes (one per GPU, DDP) x 4 prompts takes the first update 1 process x 8 takes."""
+    from safetensors.torch import load_file
+
+    exact = ["ppo.steps=1", "data.eval_size=0", "log.save_every=1", "dtype=float32", "engine.dtype=float32",
+             "kl.reference_dtype=float32"]
+    one = launch_ppo(ctx, "ppo-1x8", 1, [*exact, "ppo.batch_size=8", "ppo.mini_batch_size=8"], timeout)
+    two = launch_ppo(ctx, "ppo-2x4", 2, [*exact, "ppo.batch_size=4", "ppo.mini_batch_size=4"], timeout)
+    a, b = (load_file(str(d / "checkpoints" / "step-1" / "trainable.safetensors")) for d in (one, two))
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    if a.keys() != b.keys() or diff > 1e-4:
+        raise RuntimeError(f"2 x 4 prompts differ from 1 x 8 after one update: max |Δ| {diff:.2g}")
+    return finished(two) + f"; 2 processes, max |Δ weight| vs 1 process {diff:.1g}"
 
 
 # ---- the table ----
@@ -285,8 +376,11 @@ def main(argv: list[str]) -> int:
             ("sft qlora", ("trl", "datasets", "bitsandbytes"), no_cuda or no_bf16,
              lambda: check_sft(ctx, "qlora")),
             ("ppo qlora", ("bitsandbytes",), no_cuda, lambda: check_ppo(ctx, "qlora")),
+            ("ppo bf16 sampler + tis", (), no_cuda or no_bf16, lambda: check_ppo_mismatch(ctx)),
             ("vllm sampler", ("vllm",), no_cuda, lambda: check_vllm(ctx)),
-            ("ppo 2 processes", (), "" if gpus >= 2 else f"needs 2 GPUs ({gpus} here)",
+            ("vllm stacked adapters + sleep", ("vllm",), no_cuda, lambda: check_vllm_stacked(ctx)),
+            ("ppo on vllm colocated", ("vllm",), no_cuda, lambda: check_ppo_vllm(ctx)),
+            ("ppo 2 processes = 1", (), "" if gpus >= 2 else f"needs 2 GPUs ({gpus} here)",
              lambda: check_two_processes(ctx, cfg.timeout)),
         ]
         rows += [run_check(name, needs, why_not, fn) for name, needs, why_not, fn in checks]

@@ -8,6 +8,7 @@ Readers accept plain-text prompts/responses and normalise them to messages. Ever
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
@@ -33,7 +34,13 @@ def prompt_id(prompt: list[Message]) -> str:
 
 
 def read_jsonl(path: Path | str) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed object) for each non-blank line; a bad line is a DataError naming file:line."""
+    """Yield (line number, parsed object) for each non-blank line; a bad line is a DataError naming file:line.
+    An `hf:org/name[:config][@split]` dataset yields its rows numbered from 1 (align/data/hub.py)."""
+    if str(path).startswith("hf:"):
+        from align.data.hub import hub_rows
+
+        yield from enumerate(hub_rows(str(path)), start=1)
+        return
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found; check the path (relative paths start at the repo root)")
@@ -42,6 +49,8 @@ def read_jsonl(path: Path | str) -> Iterator[tuple[int, Any]]:
     seen = False
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # Windows editors start UTF-8 files with a BOM
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:

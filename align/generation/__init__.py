@@ -32,6 +32,8 @@ class Sample:
 class Sampler(Protocol):
     name: str
 
-    def generate(self, prompts: list[list[Message]], params: SamplingSettings, n: int = 1) -> list[list[Sample]]:
-        """`n` samples for each prompt (prompts are chat messages; the chat template is applied)."""
+    def generate(self, prompts: list[list[Message]], params: SamplingSettings, n: int = 1,
+                 seeds: list[int] | None = None) -> list[list[Sample]]:
+        """`n` samples for each prompt (prompts are chat messages; the chat template is applied). seeds: one per
+        prompt, each sampled from its own random stream (the samples then do not depend on the batch)."""
         ...

@@ -22,33 +22,56 @@ from align.models.load import chat_ids
 CANDIDATES = 1024  # tokens ranked before the nucleus cut; the full vocabulary is sorted only if their mass < top_p
 
 
-def draw(weights: torch.Tensor) -> torch.Tensor:
+def draw(weights: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """One index per row of `weights` [B, N] (non-negative, unnormalised), drawn with probability proportional to
     its weight: the first index whose cumulative weight exceeds a uniform draw on [0, total). Same distribution
-    as `torch.multinomial(weights, 1)`, which took 6 ms per call over the 49k vocabulary here against 0.2 ms."""
+    as `torch.multinomial(weights, 1)`, which took 6 ms per call over the 49k vocabulary here against 0.2 ms.
+    generators: one per row, so a row's draws do not depend on which rows share its batch."""
     cumulative = weights.cumsum(-1)
-    u = torch.rand(weights.shape[0], 1, device=weights.device) * cumulative[:, -1:]
+    if generators is None:
+        u = torch.rand(weights.shape[0], 1, device=weights.device)
+    else:
+        u = torch.cat([torch.rand(1, 1, generator=g, device=weights.device) for g in generators])
+    u = u * cumulative[:, -1:]
     return torch.searchsorted(cumulative, u, right=True)[:, 0].clamp(max=weights.shape[-1] - 1)
 
 
-def draw_tokens(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+def draw_tokens(scores: torch.Tensor, temperature: float, top_p: float,
+                generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """One token per row of `scores` [B, V], drawn from softmax(scores / temperature) cut to the top-p nucleus:
     a token is kept while the mass of the tokens ranked above it is below `top_p` (the most likely always is)."""
     probs = torch.softmax(scores.float() / temperature, dim=-1)
     if top_p >= 1.0:
-        return draw(probs)
+        return draw(probs, generators)
     top, idx = probs.topk(min(CANDIDATES, probs.shape[-1]), dim=-1)
     if not bool((top.sum(-1) >= top_p).all()):  # a flat distribution: the nucleus is wider than the candidates
         top, idx = probs.sort(dim=-1, descending=True)
     top = top.masked_fill(top.cumsum(-1) - top >= top_p, 0.0)
-    return idx.gather(-1, draw(top)[:, None])[:, 0]
+    return idx.gather(-1, draw(top, generators)[:, None])[:, 0]
 
 
-def nucleus_processor(temperature: float, top_p: float) -> Any:
-    """A logits processor for greedy `generate`: the drawn token gets 0, every other -inf."""
+def token_logprobs(scores: torch.Tensor, token: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """log-prob [B] of `token` [B] under the distribution `draw_tokens` samples from: softmax(scores / temperature),
+    renormalised over the top-p nucleus when top_p < 1 (what vLLM reports as processed_logprobs)."""
+    logp = torch.log_softmax(scores.float() / temperature, dim=-1)
+    out = logp.gather(-1, token[:, None])[:, 0]
+    if top_p < 1.0:
+        probs = logp.exp().sort(dim=-1, descending=True).values
+        kept = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0).sum(-1)
+        out = out - kept.log()
+    return out
+
+
+def nucleus_processor(temperature: float, top_p: float, record: list[torch.Tensor] | None = None,
+                      generators: list[torch.Generator] | None = None) -> Any:
+    """A logits processor for greedy `generate`: the drawn token gets 0, every other -inf. `record`: append each
+    step's log-probs [B] of the drawn tokens (`token_logprobs`), computed from the same scores. generators: one
+    random stream per row (`draw`)."""
 
     def process(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        token = draw_tokens(scores, temperature, top_p)
+        token = draw_tokens(scores, temperature, top_p, generators)
+        if record is not None:
+            record.append(token_logprobs(scores, token, temperature, top_p))
         return torch.full_like(scores, float("-inf")).scatter_(1, token[:, None], 0.0)
 
     return process
@@ -60,18 +83,27 @@ def chat_prompt_ids(tokenizer: Any, prompt: list[Message]) -> list[int]:
 
 
 class HFSampler:
+    """Sampler over a live (PEFT) model. logprobs: fill Sample.logprobs with the log-prob of each sampled token
+    under the distribution it was drawn from (the sampling model's own, in its dtype), as VLLMSampler does; PPO
+    compares them with the trainer's (the off-policy gap of a rollout copy in another dtype)."""
+
     name = "hf"
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, logprobs: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.return_logprobs = logprobs
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[Message]], params: SamplingSettings, n: int = 1) -> list[list[Sample]]:
+    def generate(self, prompts: list[list[Message]], params: SamplingSettings, n: int = 1,
+                 seeds: list[int] | None = None) -> list[list[Sample]]:
+        """seeds: one per prompt, each drawing from its own random stream, so a prompt's samples do not depend on
+        the other prompts of the call (PPO: the same rollouts however the prompts are split over processes)."""
         flat = [p for p in prompts for _ in range(n)]
+        row_seeds = [seed * 1009 + j for seed in seeds for j in range(n)] if seeds is not None else None
         samples: list[Sample] = []
         was_training = self.model.training
         self.model.eval()
@@ -84,15 +116,22 @@ class HFSampler:
             input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
             attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
             torch.manual_seed(params.seed + start)
-            sample = [nucleus_processor(params.temperature, params.top_p)] if params.temperature > 0 else []
+            generators = None if row_seeds is None else [
+                torch.Generator(device=device).manual_seed(s) for s in row_seeds[start:start + params.batch_size]]
+            record: list[torch.Tensor] | None = [] if self.return_logprobs and params.temperature > 0 else None
+            sample = ([nucleus_processor(params.temperature, params.top_p, record, generators)]
+                      if params.temperature > 0 else [])
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=attention, max_new_tokens=params.max_new_tokens,
                 do_sample=False, logits_processor=LogitsProcessorList(sample), pad_token_id=pad_id,
                 eos_token_id=list(self.eos_ids), use_cache=True)
-            for ids, row in zip(batch, out[:, width:].tolist()):
+            steps = torch.stack(record, dim=1).tolist() if record else None  # [rows, new tokens]
+            for k, (ids, row) in enumerate(zip(batch, out[:, width:].tolist())):
                 cut = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
                 response = row if cut is None else row[: cut + 1]
                 text = self.tokenizer.decode(response, skip_special_tokens=True).strip()
-                samples.append(Sample(text=text, prompt_ids=ids, response_ids=response, finished=cut is not None))
+                logprobs = steps[k][: len(response)] if steps is not None else None
+                samples.append(Sample(text=text, prompt_ids=ids, response_ids=response, finished=cut is not None,
+                                      logprobs=logprobs))
         self.model.train(was_training)
         return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]

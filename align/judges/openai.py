@@ -53,10 +53,11 @@ class Config:
     both_orders: bool = opt(True, "judge each pair as (a, b) and (b, a); abstain when the orders disagree")
     temperature: float = opt(0.0, "judge sampling temperature", ge=0.0, le=2.0)
     max_tokens: int = opt(64, "longest judge answer in tokens", ge=1)
-    constrain: Literal["none", "json_schema", "choice"] = opt(
+    constrain: Literal["none", "json_schema", "json_object", "choice"] = opt(
         "none", "ask the server to constrain the answer: none | json_schema (response_format with a "
-                "{\"verdict\": \"A\"|\"B\"|\"tie\"} schema: vLLM, llama.cpp, OpenAI) | choice (exactly A, B or tie: "
-                "vLLM >= 0.10.2 structured_outputs)")
+                "{\"verdict\": \"A\"|\"B\"|\"tie\"} schema: vLLM, llama-server, OpenAI) | json_object (the same "
+                "schema as {type: json_object, schema}: llama-cpp-python's server, llama-server) | choice (exactly "
+                "A, B or tie: vLLM >= 0.10.2 structured_outputs)")
     logprobs: bool = opt(True, "request top log-probabilities (logprobs/top_logprobs) to give each verdict a "
                                "confidence; servers that ignore it still work")
     top_logprobs: int = opt(5, "alternatives per answer token when logprobs is on", ge=1, le=20)
@@ -146,6 +147,8 @@ class OpenAIJudge:
         if self.cfg.constrain == "json_schema":
             body["response_format"] = {"type": "json_schema",
                                        "json_schema": {"name": "verdict", "strict": True, "schema": VERDICT_SCHEMA}}
+        elif self.cfg.constrain == "json_object":  # llama-cpp-python 0.3 refuses type json_schema (HTTP 500)
+            body["response_format"] = {"type": "json_object", "schema": VERDICT_SCHEMA}
         elif self.cfg.constrain == "choice":
             body["structured_outputs"] = {"choice": CHOICES}
         if self.cfg.logprobs:

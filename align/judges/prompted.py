@@ -62,7 +62,7 @@ class PairPrompt:
         # Sandboxed and immutable: a template from a shared recipe cannot reach Python internals or mutate data.
         env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
         try:
-            self.template = env.from_string(self.template_path.read_text())
+            self.template = env.from_string(self.template_path.read_text(encoding="utf-8-sig"))
         except TemplateSyntaxError as e:
             raise ConfigError(f"{self.template_path}:{e.lineno}: template syntax error: {e.message}") from None
 

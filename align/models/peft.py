@@ -6,8 +6,11 @@ LoRA-family and prompt-learning methods save a PEFT adapter (reloads with `PeftM
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -16,21 +19,26 @@ from align.config import opt
 from align.errors import ConfigError
 
 Method = Literal["lora", "qlora", "dora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning",
-                 "freeze", "bitfit", "full"]
-ADAPTER_METHODS = {"lora", "qlora", "dora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"}
+                 "freeze", "bitfit", "full", "xlora"]
+ADAPTER_METHODS = {"lora", "qlora", "dora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "xlora"}
 MERGEABLE_METHODS = {"lora", "qlora", "dora", "adalora", "ia3"}
 
 
 @dataclass(frozen=True)
 class PeftSettings:
     method: Method = opt("lora", "lora | qlora (4-bit nf4 base + LoRA) | dora | adalora | ia3 | prompt_tuning | "
-                                 "prefix_tuning | p_tuning | freeze (last N blocks) | bitfit (biases) | full")
+                                 "prefix_tuning | p_tuning | freeze (last N blocks) | bitfit (biases) | full | "
+                                 "xlora (a learned gate mixing the LoRA adapters of peft.experts per token)")
     r: int = opt(16, "LoRA-family rank (adalora: the target average rank)", ge=1)
     alpha: int = opt(32, "LoRA-family scaling numerator (scale = alpha / r)", ge=1)
     dropout: float = opt(0.05, "dropout on the LoRA-family input", ge=0.0, lt=1.0)
     target_modules: list[str] = opt(["all-linear"], "modules to adapt; 'all-linear' = every linear but the LM head")
     num_virtual_tokens: int = opt(16, "prompt_tuning / prefix_tuning / p_tuning: number of virtual tokens", ge=1)
     freeze_trainable_layers: int = opt(2, "freeze: train only the last N transformer blocks (+ final norm)", ge=1)
+    experts: list[str] = opt([], "xlora: the LoRA experts, as run folders of align sft (or adapter folders) "
+                                 "trained on this stage's base model")
+    xlora_depth: int = opt(1, "xlora: layers of the gate (1: one linear layer over the last hidden state)", ge=1)
+    xlora_train_experts: bool = opt(False, "xlora: train the experts' LoRA weights too (else only the gate)")
 
 
 def _lora_kwargs(s: PeftSettings) -> dict[str, Any]:
@@ -114,9 +122,100 @@ def attach_peft(model: Any, s: PeftSettings, *, total_steps: int = 100, task_typ
     elif m == "full":
         _set_trainable(model, lambda name: True)
         what = "every parameter"
+    elif m == "xlora":
+        model, what = attach_xlora(model, s, task_type)
     else:  # pragma: no cover - Literal type already checked by the config
         raise ConfigError(f"peft.method={m!r} is not a known method")
     return model, what
+
+
+def expert_folders(s: PeftSettings) -> list[Path]:
+    """The adapter folders of `peft.experts` (run folders resolve to their model/), each a plain LoRA adapter."""
+    from align.models.load import is_adapter, resolve_model
+
+    if len(s.experts) < 2:
+        raise ConfigError("peft.method=xlora needs peft.experts: two or more LoRA adapters (align sft run folders)")
+    out = []
+    for name in s.experts:
+        folder = resolve_model(name)
+        config = json.loads((folder / "adapter_config.json").read_text()) if is_adapter(folder) else {}
+        kind = "DORA" if config.get("use_dora") else config.get("peft_type")
+        if kind != "LORA":
+            raise ConfigError(f"peft.experts: {name} is not a LoRA adapter ({kind or 'a full model'}); train each "
+                              f"expert with align sft peft.method=lora")
+        out.append(folder)
+    return out
+
+
+def check_experts(s: PeftSettings, base: Path) -> None:
+    """Every expert must have been trained on `base` (the model the gate is trained on)."""
+    from align.models.load import base_of_adapter
+
+    for name, folder in zip(s.experts, expert_folders(s)):
+        if base_of_adapter(folder).resolve() != Path(base).resolve():
+            raise ConfigError(f"peft.experts: {name} was trained on {base_of_adapter(folder)}, not on this stage's "
+                              f"model {base}; give model= the experts' base")
+
+
+def attach_xlora(model: Any, s: PeftSettings, task_type: str) -> tuple[Any, str]:
+    """X-LoRA (peft's XLoraConfig): the experts' LoRA weights loaded frozen (unless xlora_train_experts) and a gate
+    that reads the base model's last hidden state and gives every token a softmax weight per expert. Each forward
+    runs the base model once more without adapters for the gate (about twice the compute of LoRA)."""
+    import peft
+
+    folders = expert_folders(s)
+    model.config.use_cache = False  # X-LoRA refuses a KV cache (each step's gate needs the whole sequence)
+    config = peft.XLoraConfig(task_type=task_type, hidden_size=model.config.get_text_config().hidden_size,
+                              adapters={str(i): str(f) for i, f in enumerate(folders)}, xlora_depth=s.xlora_depth,
+                              use_trainable_adapters=s.xlora_train_experts)
+    base = model
+    model = peft.get_peft_model(model, config)
+    base.register_forward_pre_hook(_plain_gate_pass, prepend=True)
+    _set_trainable(model, lambda name: "internal_xlora_classifier" in name
+                   or (s.xlora_train_experts and ".lora_" in name))
+    what = f"an X-LoRA gate over {len(folders)} LoRA experts" + (" and the experts" if s.xlora_train_experts else
+                                                                   " (experts frozen)")
+    return model, what
+
+
+FUSED_KEYS = ("fused_lm_head", "labels", "shift_labels", "num_items_in_batch")
+
+
+def _plain_gate_pass(module: Any, args: Any) -> None:
+    """Keep X-LoRA's gate pass a plain forward under TRL's fused LM head.
+
+    The gate reads the hidden states of a first, adapter-free pass that X-LoRA runs by calling the base model's
+    `forward` with the trainer's own arguments plus output_hidden_states=True. TRL (and `compact_lm_head`) replace
+    that `forward` on the instance with a fused head returning per-token log-probs and no hidden states. Before each
+    call, this hook wraps whatever `forward` the instance has now, so that the gate pass (output_hidden_states with
+    fused_lm_head) runs the model class's plain forward; every other call goes to the forward it wrapped.
+    """
+    current = module.__dict__.get("forward")
+    if current is None or getattr(current, "_xlora_gate_pass", False):
+        return
+
+    def forward(*a: Any, **kw: Any) -> Any:
+        if kw.get("output_hidden_states") and kw.get("fused_lm_head"):
+            plain = {k: v for k, v in kw.items() if k not in FUSED_KEYS}
+            return type(module).forward(module, *a, **plain)
+        return current(*a, **kw)
+
+    forward._xlora_gate_pass = True  # type: ignore[attr-defined]
+    module.forward = forward
+
+
+def expert_weights(model: Any, n: int) -> list[dict[str, torch.Tensor]]:
+    """The LoRA weights of each X-LoRA expert (adapters "0".."n-1"), keyed as in a saved LoRA adapter file.
+
+    Read from the state dict by hand: peft's get_peft_model_state_dict filters adapters by name, and the names
+    X-LoRA gives its experts ("0", "1", ...) are also module indices ("layers.0"), so it drops or mixes up keys."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    for key, value in model.state_dict().items():
+        found = re.search(r"\.(lora_[AB])\.(\d+)\.weight$", key)
+        if found and "lora_model.model." in key and int(found.group(2)) < n:
+            module = key[:found.start()].split("lora_model.model.", 1)[1]
+            out[int(found.group(2))][f"base_model.model.{module}.{found.group(1)}.weight"] = value
+    return out
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

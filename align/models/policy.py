@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from align.errors import ConfigError
-from align.models.load import QUANTIZED_BASE, load_model, load_tokenizer, resolve_model
-from align.models.peft import PeftSettings, attach_peft
+from align.models.load import QUANTIZED_BASE, base_of_adapter, load_model, load_tokenizer, resolve_model
+from align.models.peft import PeftSettings, attach_peft, check_experts, expert_weights
 
 Stage = Literal["sft", "reward", "dpo", "ppo", "grpo", "rloo", "online"]
 
@@ -48,6 +49,8 @@ METHODS: dict[str, MethodCaps] = {
     "freeze": MethodCaps(False, False, False, "frozen_copy", frozenset({"sft", "reward"})),
     "bitfit": MethodCaps(False, False, False, "frozen_copy", frozenset({"sft", "reward"})),
     "full": MethodCaps(False, False, False, "frozen_copy", frozenset({"sft", "reward", "dpo", "ppo", "online"})),
+    # a gate over several LoRA experts: not one set of weights to merge; trained by SFT, used as it is (reload, generate)
+    "xlora": MethodCaps(True, False, False, "none", frozenset({"sft"})),
 }
 
 
@@ -90,9 +93,12 @@ def load_policy(source: str | Path, *, stage: str, peft: PeftSettings | None = N
     tokenizer = load_tokenizer(path, trust_remote_code)
     if peft is None:
         # An adapter stays a live PeftModel over the base it was trained on (`load_model`).
-        model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, merge=False)
+        model = (load_xlora(path, dtype, trust_remote_code) if is_xlora(path) else
+                 load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, merge=False))
         return Policy(model.eval(), tokenizer, None, path)
     caps = check_method(stage, peft.method)
+    if peft.method == "xlora":
+        check_experts(peft, path)
     model = load_model(path, dtype=dtype, load_in_4bit=caps.quantized_base, merge=True, kind=kind,
                        trust_remote_code=trust_remote_code)
     if kind == "classifier":
@@ -113,6 +119,8 @@ def save_policy(model: Any, tokenizer: Any, out: Path, *, method: str, base: Pat
     if METHODS[method].adapter:
         model.save_pretrained(out, selected_adapters=["default"], safe_serialization=True)
         point_adapter_at(out, base)
+        if method == "xlora":
+            save_experts(model, out)
         if METHODS[method].quantized_base:  # how to rebuild the exact base it trained on (`load_model`)
             (out / QUANTIZED_BASE).write_text(json.dumps({"load_in_4bit": True, "quant_type": "nf4",
                                                           "double_quant": True}, indent=2))
@@ -120,6 +128,50 @@ def save_policy(model: Any, tokenizer: Any, out: Path, *, method: str, base: Pat
         model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def is_xlora(path: Path) -> bool:
+    config = Path(path) / "adapter_config.json"
+    return config.is_file() and json.loads(config.read_text()).get("peft_type") == "XLORA"
+
+
+XLORA_GATE = "xlora_gate.safetensors"
+
+
+def save_experts(model: Any, out: Path) -> None:
+    """An X-LoRA folder holds its gate (xlora_gate.safetensors: peft 0.21's own save drops it, its adapter-name
+    filter takes the experts' names "0", "1" for module indices) and its experts (out/experts/<i>/, as trained:
+    frozen or not), named there, so it reloads without the expert runs it was built from."""
+    from safetensors.torch import save_file
+
+    gate = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if "internal_xlora_classifier" in k}
+    save_file(gate, out / XLORA_GATE)
+    config_path = out / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    names = list(config["adapters"])
+    for name, weights, source in zip(names, expert_weights(model, len(names)), config["adapters"].values()):
+        folder = out / "experts" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(source) / "adapter_config.json", folder / "adapter_config.json")
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, folder / "adapter_model.safetensors")
+        config["adapters"][name] = str(folder.resolve())
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def load_xlora(path: Path, dtype: str, trust_remote_code: bool) -> Any:
+    """An X-LoRA folder on its base: experts from its experts/ folder, the gate from xlora_gate.safetensors."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    base = load_model(base_of_adapter(path), dtype=dtype, trust_remote_code=trust_remote_code, merge=True)
+    base.config.use_cache = False  # X-LoRA refuses a KV cache
+    model = PeftModel.from_pretrained(base, path)
+    gate = load_file(Path(path) / XLORA_GATE)
+    missing = set(gate) - set(model.state_dict())
+    if missing or not gate:
+        raise ConfigError(f"{path}: the X-LoRA gate weights do not fit this model ({sorted(missing)[:2]})")
+    model.load_state_dict(gate, strict=False)
+    return model
 
 
 def point_adapter_at(adapter_dir: Path, base: Path) -> None:

@@ -6,7 +6,8 @@ groups), rng-<rank>.json (python/numpy/torch RNG states of each process), state.
 normaliser) and, for adapter methods, policy/ (the adapter alone, loadable with PEFT). Nothing is pickled, so a
 crafted checkpoint in a shared run folder cannot run code on `resume=true`.
 Everything is written into a hidden temporary folder that is renamed into place only when complete, so a run
-killed mid-save leaves the previous checkpoint as the newest one.
+killed mid-save leaves the previous checkpoint as the newest one; align-files.json records every file's size and
+sha256, so a checkpoint that rots afterwards is skipped on resume.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
+    """The complete checkpoint with the highest step whose files match their record (see `runs.record_files`;
+    a damaged newer one is skipped, saying so), or None. An AlignError when every checkpoint is damaged."""
+    from align.runs import newest_sound_checkpoint
+
     found = [p for p in checkpoint_dir(run_dir).glob(f"{PREFIX}*")
              if p.name[len(PREFIX):].isdigit() and (p / "state.json").is_file()]
-    return max(found, key=lambda p: int(p.name[len(PREFIX):]), default=None)
+    return newest_sound_checkpoint(found, lambda p: int(p.name[len(PREFIX):]))
 
 
 def rng_state() -> dict[str, Any]:
@@ -105,6 +109,9 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
         (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": world, **state}, indent=2))
     barrier()
     if is_main:
+        from align.runs import record_files
+
+        record_files(tmp)  # every process's files are in: record sizes and hashes, so rot is found on resume
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(final.parent)

@@ -8,6 +8,7 @@ is checked against numbers computed by hand in tests/test_rlhf_math.py.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,6 +16,14 @@ import torch
 from torch import Tensor
 
 KLEstimator = Literal["k1", "k2", "k3"]
+# Sums a tensor over every process (an all-reduce) and returns the total on each; None: this process alone.
+# With it, a statistic "over the batch" is over the GLOBAL batch, so 2 processes x 4 rows compute what 1 x 8 does.
+Reduce = Callable[[Tensor], Tensor]
+
+
+def reduce_sum(x: Tensor, reduce: Reduce | None) -> Tensor:
+    """`x` summed over the processes (`x` itself without a reduce op)."""
+    return x if reduce is None else reduce(x)
 
 
 def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
@@ -28,32 +37,39 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
     return -flat.view(tokens.shape)
 
 
-def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of `x` over positions where mask == 1 (all of them, or along `dim`). x, mask: [B, T]."""
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None, reduce: Reduce | None = None) -> Tensor:
+    """Mean of `x` over positions where mask == 1 (all of them, or along `dim`). x, mask: [B, T].
+
+    reduce: the sum and the count are summed over processes first (one collective): the global mean.
+    """
     mask = mask.to(x.dtype)
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+        total = reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]), reduce)
+        return total[0] / total[1].clamp(min=1.0)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance of `x` over the masked positions (Bessel-corrected when `unbiased`). x, mask: [B, T] -> scalar."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, reduce: Reduce | None = None) -> Tensor:
+    """Variance of `x` over the masked positions (Bessel-corrected when `unbiased`). x, mask: [B, T] -> scalar.
+    reduce: over the positions of every process (two collectives: the mean, then the squared deviations)."""
+    mean = masked_mean(x, mask, reduce=reduce)
+    var = masked_mean((x - mean) ** 2, mask, reduce=reduce)
     if unbiased:
-        n = mask.sum()
+        n = reduce_sum(mask.to(x.dtype).sum(), reduce)
         if n < 2:
             raise ValueError("masked_var needs at least two valid positions for an unbiased variance")
         var = var * n / (n - 1)
     return var
 
 
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           reduce: Reduce | None = None) -> Tensor:
     """(x - mean) / std over the masked positions; zero outside the mask. x, mask: [B, T] -> [B, T].
 
-    With `shift_mean=False` the mean is kept (only the scale changes), as done for rewards.
+    With `shift_mean=False` the mean is kept (only the scale changes), as done for rewards. With `reduce`, mean and
+    std are those of every process's positions together (PPO's advantages over the global batch).
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased=False)
+    mean, var = masked_mean(x, mask, reduce=reduce), masked_var(x, mask, unbiased=False, reduce=reduce)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -70,15 +86,16 @@ def entropy_from_logprobs(logp: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, reduce: Reduce | None = None) -> Tensor:
     """1 - Var(returns - values) / Var(returns) over the mask: 1 is a perfect critic, 0 a constant one.
 
-    values, returns, mask: [B, T] -> scalar (nan when the returns do not vary).
+    values, returns, mask: [B, T] -> scalar (nan when the returns do not vary). reduce: over every process.
     """
-    var_returns = masked_var(returns, mask, unbiased=False)
+    var_returns = masked_var(returns, mask, unbiased=False, reduce=reduce)
+    var_residual = masked_var(returns - values, mask, unbiased=False, reduce=reduce)  # every process calls both
     if var_returns == 0:
         return torch.tensor(float("nan"))
-    return 1 - masked_var(returns - values, mask, unbiased=False) / var_returns
+    return 1 - var_residual / var_returns
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: KLEstimator) -> Tensor:
@@ -140,28 +157,62 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages, (advantages + values) * mask
 
 
-def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                clip_range: float) -> tuple[Tensor, Tensor]:
-    """PPO's clipped surrogate: mean over mask of max(-A·r, -A·clip(r, 1-ε, 1+ε)), r = exp(lp - lp_old).
+def token_mean(x: Tensor, mask: Tensor, tokens: Tensor | float | None = None) -> Tensor:
+    """Σ x·mask / tokens: the masked mean when `tokens` is None (this batch's own count), else a sum scaled by a
+    count given from outside. PPO passes (tokens of the global minibatch) / (processes): DDP then averages the
+    processes' gradients into exactly the gradient of the global token mean, however the tokens are split."""
+    if tokens is None:
+        return masked_mean(x, mask)
+    return (x * mask.to(x.dtype)).sum() / tokens
 
+
+def tis_weights(old_logprobs: Tensor, sampler_logprobs: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy
+    RL training"; verl's tis_imp_ratio_cap, TRL's vllm_importance_sampling_cap): the tokens were drawn by the sampler
+    (another dtype or engine), not by the trainer's old policy, so each token's loss is weighted by
+    min(π_old / π_sampler, cap). No gradient flows through the weight. [B, T] -> [B, T]"""
+    return torch.exp(old_logprobs - sampler_logprobs).clamp(max=cap).detach()
+
+
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                clip_range: float, weights: Tensor | None = None,
+                tokens: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+    """PPO's clipped surrogate: mean over mask of w·max(-A·r, -A·clip(r, 1-ε, 1+ε)), r = exp(lp - lp_old).
+
+    weights: per-token w (`tis_weights`; None: 1). tokens: the count the mean divides by (`token_mean`).
     Returns (loss, clipfrac): clipfrac is the fraction of tokens where the clipped term was the larger one.
     logprobs, old_logprobs, advantages, mask: [B, T] -> (scalar, scalar)
     """
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights
+    loss = token_mean(per_token, mask, tokens)
+    clipfrac = token_mean((clipped > unclipped).float(), mask, tokens)
     return loss, clipfrac
 
 
-def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float) -> Tensor:
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float,
+               tokens: Tensor | float | None = None) -> Tensor:
     """Clipped value loss: ½ · mean over mask of max((v - R)², (clip(v, v_old - ε, v_old + ε) - R)²).
 
-    values, old_values, returns, mask: [B, T] -> scalar
+    values, old_values, returns, mask: [B, T] -> scalar (tokens: as in `token_mean`)
     """
     clipped = torch.clamp(values, old_values - clip_range, old_values + clip_range)
-    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    return 0.5 * token_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask, tokens)
+
+
+def logprob_mismatch(sampler_logprobs: Tensor, logprobs: Tensor, mask: Tensor,
+                     reduce: Reduce | None = None, max_reduce: Reduce | None = None) -> dict[str, Tensor]:
+    """How far the sampler's log-probs of the sampled tokens are from the trainer's: mean Δ, mean |Δ| and max |Δ|
+    per response token, Δ = sampler − trainer (reduce / max_reduce: sum / max over processes). [B, T] -> scalars"""
+    diff = (sampler_logprobs - logprobs) * mask.to(logprobs.dtype)
+    biggest = diff.abs().max() if diff.numel() else torch.zeros((), device=diff.device)
+    return {"logprob_diff": masked_mean(diff, mask, reduce=reduce),
+            "logprob_absdiff": masked_mean(diff.abs(), mask, reduce=reduce),
+            "logprob_maxdiff": biggest if max_reduce is None else max_reduce(biggest)}
 
 
 @dataclass

@@ -7,6 +7,7 @@ is instant).
 STAGES: dict[str, str] = {
     "sft": "align.stages.sft",
     "merge": "align.stages.merge",
+    "export": "align.stages.export",
     "import": "align.stages.import_prefs",
     "label": "align.stages.label",
     "preferences": "align.stages.preferences",
@@ -23,4 +24,5 @@ STAGES: dict[str, str] = {
     "eval": "align.stages.eval",
     "report": "align.stages.report",
     "pipeline": "align.stages.pipeline",
+    "sweep": "align.stages.sweep",
 }

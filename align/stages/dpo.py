@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from align.chat import SYSTEM_PROMPT_HELP
 from align.config import DTYPE_HELP, VALIDATION_FRACTION_HELP, VALIDATION_HELP, Dtype, opt
 from align.data.importers import split_by_prompt
 from align.data.records import PreferenceRecord, read_preferences, read_prompts
@@ -69,6 +70,7 @@ class Config:
     seed: int = opt(42, "random seed", ge=0)
     dtype: Dtype = opt("auto", DTYPE_HELP)
     trust_remote_code: bool = opt(False, "allow model code from the model folder")
+    system_prompt: str = opt("", SYSTEM_PROMPT_HELP)
     data: DataSettings = opt(DataSettings(), "preference data")
     dpo: DPOSettings = opt(DPOSettings(), "the DPO loss")
     peft: PeftSettings = opt(PeftSettings(), "parameter-efficient method (the reference is adapter-disabled)")
@@ -88,22 +90,28 @@ def preference_path(path: str, outputs: tuple[str, ...]) -> Path:
     return resolve_input(path, what="preference data", stages=("import", "preferences", "judge"), outputs=outputs)
 
 
-def preference_dataset(records: list[PreferenceRecord]) -> Any:
-    """Canonical preference records -> a conversational TRL dataset (prompt / chosen / rejected messages)."""
+def preference_dataset(records: list[PreferenceRecord], system_prompt: str = "") -> Any:
+    """Canonical preference records -> a conversational TRL dataset (prompt / chosen / rejected messages), with
+    `system_prompt` first in every prompt that has no system message."""
     from datasets import Dataset
 
-    return Dataset.from_list([{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected} for r in records])
+    from align.chat import with_system_prompt
+
+    return Dataset.from_list([{"prompt": with_system_prompt(r.prompt, system_prompt), "chosen": r.chosen,
+                               "rejected": r.rejected} for r in records])
 
 
-def preference_splits(data: DataSettings, seed: int) -> tuple[Path, Path | None, Any, Any]:
+def preference_splits(data: DataSettings, seed: int, system_prompt: str = "") -> tuple[Path, Path | None, Any, Any]:
     """(train file, validation file or None, train dataset, validation dataset or None) as `data` asks."""
     train_path = preference_path(data.train, ("train", "preferences"))
     train = read_preferences(train_path)
     if data.validation:
         val_path = preference_path(data.validation, ("valid", "validation"))
-        return train_path, val_path, preference_dataset(train), preference_dataset(read_preferences(val_path))
+        return (train_path, val_path, preference_dataset(train, system_prompt),
+                preference_dataset(read_preferences(val_path), system_prompt))
     train, val = split_by_prompt(train, data.validation_fraction, seed)
-    return train_path, None, preference_dataset(train), preference_dataset(val) if val else None
+    return (train_path, None, preference_dataset(train, system_prompt),
+            preference_dataset(val, system_prompt) if val else None)
 
 
 def loss_kwargs(settings: DPOSettings) -> dict[str, Any]:
@@ -136,7 +144,7 @@ def run(cfg: Config) -> Path:
         trainer_kwargs,
     )
 
-    train_path, val_path, train_ds, val_ds = preference_splits(cfg.data, cfg.seed)
+    train_path, val_path, train_ds, val_ds = preference_splits(cfg.data, cfg.seed, cfg.system_prompt)
     source = resolve_model(cfg.policy)
     if cfg.eval.size > 0:
         check_reward(cfg.eval.reward)  # not after an hour of training

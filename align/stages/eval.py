@@ -4,15 +4,25 @@ Every policy (SFT first, then each aligned one) samples one response per prompt 
 and seed. Reported per policy: the reward model's mean score, the win rate against SFT by the configured judge
 (score judges compare scores; a pairwise judge is asked once per pair and is itself responsible for position
 bias — the llm and openai judges ask both orders; ties count half, abstains are left out;
-95% Wilson interval, see align/stats.py), the KL to the reference (mean per-token log π − log π_ref of the
-policy's own samples, raw temperature-1 distributions; for an adapter policy the reference is the same model
-with the adapter disabled), mean response length and the finished fraction. The default judge is the
-house-style rules judge, which is not the judge that produced training labels: a policy can learn to please
-its own labeller, so the evaluation judge should differ.
+95% Wilson interval, see align/stats.py), the KL to the SFT policy, mean response length and the finished fraction.
+
+The KL is exact, not a Monte-Carlo estimate: at every position of the policy's own sampled response,
+KL(π(·|prefix) ‖ π_sft(·|prefix)) = Σ_v π(v|prefix) (log π(v|prefix) − log π_sft(v|prefix)) over the whole
+vocabulary (raw temperature-1 distributions), summed over the response and reported per token. It is a true KL
+at each prefix whatever sampler chose the prefix (here temperature 0.7 / top-p 0.9), and never negative; the
+old Σ_t (log π(y_t) − log π_ref(y_t)) over tokens drawn at temperature 0.7 was neither. Every aligned policy is
+measured against the same SFT policy, whatever chain of adapters it was trained through (online RLAIF stacks one
+adapter per round): the SFT model itself is the reference, not the policy's adapter-disabled base.
+
+With `sampling_seeds`, every prompt is sampled once per seed and `interval` gives the win rate's bootstrap interval
+over prompts and sampling seeds (align/stats.py). The default judge is the house-style rules judge, which is not
+the judge that produced training labels: a policy can learn to please its own labeller, so the evaluation judge
+should differ.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -46,10 +56,11 @@ class Config:
     training_judges: list[str] = opt([], "judge specs that produced AI training labels (the pipeline fills "
                                          "it in): the report says whether the evaluation judge is among them")
     tie_margin: float = opt(0.0, "score judges: a score difference of at most this is a tie", ge=0.0)
-    reference: str = opt("", "KL reference ('': an adapter policy's adapter-disabled base; the SFT policy for a "
-                             "full-model policy)")
+    reference: str = opt("", "KL reference for every policy ('': the SFT policy `sft`)")
     sampling: SamplingSettings = opt(SamplingSettings(temperature=0.7, top_p=0.9, max_new_tokens=96, seed=1234),
                                      "sampling, identical for every policy")
+    sampling_seeds: list[int] = opt([], "sample every prompt once per seed, e.g. [1, 2] ([]: once, with "
+                                        "sampling.seed); the interval then resamples prompts and seeds")
     side_by_side: int = opt(6, "prompts shown side by side in eval.json and the report", ge=0)
     dtype: Dtype = opt("auto", DTYPE_HELP)
     trust_remote_code: bool = opt(False, "allow model code from model folders")
@@ -71,7 +82,7 @@ class PolicyResult:
     path: Path
     reference: str
     samples: list[Sample]
-    kl_tokens: list[float]  # per sample: Σ over response tokens of log π - log π_ref
+    kl_tokens: list[float]  # per sample: Σ over response tokens of the exact KL(π(·|prefix) ‖ π_ref(·|prefix))
     rewards: list[float | None] = field(default_factory=list)
     judge_scores: list[float | None] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
@@ -92,33 +103,94 @@ def load_policy(path: Path, dtype: str, trust_remote_code: bool) -> tuple[Any, A
     return policy.model.to("cuda") if torch.cuda.is_available() else policy.model, policy.tokenizer
 
 
-def evaluate_policy(name: str, path: Path, prompts: list[list[Message]], cfg: Config,
-                    sft_path: Path) -> PolicyResult:
-    """Sample from one policy and measure its KL to the reference; frees the model afterwards."""
-    from align.generation.hf import HFSampler
-    from align.models.load import base_of_adapter, is_adapter, resolve_model
-    from align.rlhf.evaluate import sequence_kl
+@dataclass
+class Reference:
+    """The model every aligned policy's KL is measured against (the SFT policy unless `reference` is set)."""
 
-    torch.manual_seed(cfg.seed)
+    model: Any
+    tokenizer: Any
+    path: Path
+    name: str
+
+
+def load_reference(cfg: Config, sft_path: Path) -> Reference:
+    from align.models.load import resolve_model
+
+    path = resolve_model(cfg.reference) if cfg.reference else sft_path
     model, tokenizer = load_policy(path, cfg.dtype, cfg.trust_remote_code)
-    print(f"eval: sampling {len(prompts)} responses from {name} ({path})", flush=True)
-    samples = [group[0] for group in HFSampler(model, tokenizer).generate(prompts, cfg.sampling, n=1)]
-    ref_model, ref_name = None, ""
-    if cfg.reference:
-        ref_model, _ = load_policy(resolve_model(cfg.reference), cfg.dtype, cfg.trust_remote_code)
-        ref_name = cfg.reference
-    elif is_adapter(path):
-        ref_name = f"{short(base_of_adapter(path))} (adapter disabled)"
-    elif path != sft_path:
-        ref_model, _ = load_policy(sft_path, cfg.dtype, cfg.trust_remote_code)
-        ref_name = f"{short(sft_path)} (SFT)"
-    if ref_name:  # Σ_t log π(y_t) - log π_ref(y_t) per sample; ref_model None: the adapter disabled
-        kl = sequence_kl(model, ref_model, samples, tokenizer.pad_token_id, chunk=cfg.sampling.batch_size)
+    return Reference(model, tokenizer, path, short(path) + ("" if cfg.reference else " (SFT)"))
+
+
+def adapter_chain(path: Path) -> list[Path]:
+    """The model folders a policy is built from, itself first: an adapter's base, that base's base, ... down to a
+    full model (online RLAIF stacks one adapter per round on the last round's policy)."""
+    from align.models.load import base_of_adapter, is_adapter
+
+    chain = [Path(path)]
+    while is_adapter(chain[-1]) and len(chain) < 64:
+        chain.append(base_of_adapter(chain[-1]))
+    return chain
+
+
+def sample_all(model: Any, tokenizer: Any, prompts: list[list[Message]], cfg: Config) -> list[Sample]:
+    """One response per prompt for each sampling seed: [seed 1's prompts..., seed 2's prompts..., ...]."""
+    from align.generation.hf import HFSampler
+
+    sampler = HFSampler(model, tokenizer)
+    return [group[0] for seed in seeds_of(cfg)
+            for group in sampler.generate(prompts, dataclasses.replace(cfg.sampling, seed=seed), n=1)]
+
+
+def seeds_of(cfg: Config) -> list[int]:
+    return list(cfg.sampling_seeds) or [cfg.sampling.seed]
+
+
+def evaluate_policy(name: str, path: Path, prompts: list[list[Message]], cfg: Config,
+                    ref: Reference) -> PolicyResult:
+    """Sample from one policy and measure its exact KL to the reference; frees the model afterwards (the
+    reference itself is sampled with its own loaded model and gets no KL)."""
+    torch.manual_seed(cfg.seed)
+    itself = Path(path).resolve() == ref.path.resolve()
+    model, tokenizer = (ref.model, ref.tokenizer) if itself else load_policy(path, cfg.dtype, cfg.trust_remote_code)
+    print(f"eval: sampling {len(prompts) * len(seeds_of(cfg))} responses from {name} ({path})", flush=True)
+    samples = sample_all(model, tokenizer, prompts, cfg)
+    if itself:
+        kl = [math.nan] * len(samples)
     else:
-        kl = [math.nan] * len(samples)  # a full-model SFT policy is its own reference
-    del model, ref_model
+        kl = exact_sequence_kl(model, ref.model, samples, tokenizer.pad_token_id)
+        if ref.path.resolve() not in {p.resolve() for p in adapter_chain(path)}:
+            print(f"eval: note: {name} was not trained from {ref.name}; its KL is still measured to it", flush=True)
+    del model
     gc.collect()
-    return PolicyResult(name=name, path=path, reference=ref_name or "itself", samples=samples, kl_tokens=kl)
+    return PolicyResult(name=name, path=path, reference="itself" if itself else ref.name, samples=samples,
+                        kl_tokens=kl)
+
+
+KL_ESTIMATOR = ("exact: Σ_v π(v|prefix)·(log π(v|prefix) − log π_ref(v|prefix)) over the vocabulary at each "
+                "position of the policy's own samples (raw temperature-1 distributions), summed over the response")
+
+
+def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Exact KL(softmax(logits) ‖ softmax(ref_logits)) over the last (vocabulary) axis, in fp32.
+
+    logits, ref_logits: [..., V] -> [...]; never negative (up to rounding, clamped at 0)."""
+    logp, ref_logp = logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1).clamp(min=0.0)
+
+
+@torch.no_grad()
+def exact_sequence_kl(policy: Any, reference: Any, samples: list[Sample], pad_id: int, chunk: int = 4) -> list[float]:
+    """Per sample: Σ over its response positions of the exact per-token KL(π(·|prefix) ‖ π_ref(·|prefix)).
+
+    `chunk` rows at a time: each holds two [chunk, R, V] fp32 logit tensors (V = 49k for the default model)."""
+    from align.rlhf.policy import collate, model_device, response_logits
+
+    out: list[float] = []
+    for start in range(0, len(samples), chunk):
+        batch = collate(samples[start:start + chunk], pad_id).to(model_device(policy))
+        kl = token_kl(response_logits(policy, batch), response_logits(reference, batch.to(model_device(reference))))
+        out += (kl * batch.response_mask).sum(-1).tolist()
+    return out
 
 
 def short(path: Path) -> str:
@@ -211,8 +283,21 @@ def mean(values: list[float | None]) -> float | None:
     return sum(got) / len(got) if got else None
 
 
-def summarise(r: PolicyResult, baseline: PolicyResult) -> dict[str, Any]:
-    """The per-policy row of eval.json."""
+def seed_interval(outcomes: list[Outcome], n_seeds: int) -> dict[str, Any] | None:
+    """Bootstrap interval over sampling seeds x prompts of seed-major outcomes (None when there are none)."""
+    from align.stats import OUTCOME_VALUE, bootstrap_win_rate
+
+    if all(o == "abstain" for o in outcomes):
+        return None
+    values = [OUTCOME_VALUE[o] for o in outcomes]
+    n = len(values) // n_seeds
+    return bootstrap_win_rate([[values[i * n:(i + 1) * n] for i in range(n_seeds)]]).to_json()
+
+
+def summarise(r: PolicyResult, baseline: PolicyResult, n_seeds: int = 1) -> dict[str, Any]:
+    """The per-policy row of eval.json. `interval`: the win rate's bootstrap interval over prompts and sampling
+    seeds (align/stats.py), which the Wilson interval of `win_rate` (every sample counted as independent) is not
+    when there is more than one sampling seed."""
     n_tokens = sum(len(s.response_ids) for s in r.samples)
     kl_known = [k for k in r.kl_tokens if not math.isnan(k)]
     win: WinRate | None = count_outcomes(r.outcomes) if r.outcomes else None
@@ -220,6 +305,7 @@ def summarise(r: PolicyResult, baseline: PolicyResult) -> dict[str, Any]:
         "name": r.name, "path": str(r.path), "reference": r.reference,
         "reward_mean": mean(r.rewards), "judge_mean": mean(r.judge_scores),
         "win_rate": win.to_json() if win else None, "position_flips": r.flips if r.outcomes else None,
+        "interval": seed_interval(r.outcomes, n_seeds),
         # what the win rate would be at the baseline's length (see align/stats.py); flag: it wins by length
         "lc_win_rate": length_controlled_win_rate(r.outcomes, [len(s.response_ids) for s in r.samples],
                                                   [len(s.response_ids) for s in baseline.samples])
@@ -243,13 +329,18 @@ def side_by_side(prompts: list[PromptRecord], results: list[PolicyResult], k: in
     return rows
 
 
-def sample_rows(prompts: list[PromptRecord], results: list[PolicyResult]) -> list[dict[str, Any]]:
-    return [{"index": i, "policy": r.name, "prompt": p.prompt, "response": s.text, "tokens": len(s.response_ids),
+def sample_rows(prompts: list[PromptRecord], results: list[PolicyResult], seeds: list[int]) -> list[dict[str, Any]]:
+    """One row per policy and sample; `index` counts samples, `prompt_index` and `sampling_seed` name the cell
+    (the quality driver pairs rows of the same cell across policies)."""
+    every = prompts * len(seeds)
+    return [{"index": i, "policy": r.name, "prompt_index": i % len(prompts),
+             "sampling_seed": seeds[i // len(prompts)], "prompt": p.prompt, "response": s.text,
+             "tokens": len(s.response_ids),
              "finished": s.finished, "reward": r.rewards[i] if r.rewards else None,
              "judge": r.judge_scores[i] if r.judge_scores else None,
              "kl": None if math.isnan(r.kl_tokens[i]) else r.kl_tokens[i],
              "outcome_vs_sft": r.outcomes[i] if r.outcomes else None, "meta": p.meta}
-            for r in results for i, (p, s) in enumerate(zip(prompts, r.samples))]
+            for r in results for i, (p, s) in enumerate(zip(every, r.samples))]
 
 
 def policy_names(cfg: Config) -> list[str]:
@@ -284,24 +375,31 @@ def run(cfg: Config) -> Path:
         run_.add_input(resolve_model(cfg.reward_model))
 
     prompts = [r.prompt for r in records]
-    sft = evaluate_policy("sft", sft_path, prompts, cfg, sft_path)
-    others = [evaluate_policy(n, p, prompts, cfg, sft_path) for n, p in zip(names, paths)]
+    ref = load_reference(cfg, sft_path)
+    sft = evaluate_policy("sft", sft_path, prompts, cfg, ref)
+    others = [evaluate_policy(n, p, prompts, cfg, ref) for n, p in zip(names, paths)]
+    del ref
+    gc.collect()
     results = [sft, *others]
+    seeds = seeds_of(cfg)
+    every = prompts * len(seeds)  # results hold one sample per (sampling seed, prompt), seed-major
     if cfg.reward_model:
-        reward_scores(cfg.reward_model, prompts, results)
-    kind = judge_policies(judge, prompts, sft, others, cfg.tie_margin)
+        reward_scores(cfg.reward_model, every, results)
+    kind = judge_policies(judge, every, sft, others, cfg.tie_margin)
 
     used_for_training = set().union(*(judge_identities(j) for j in cfg.training_judges))
     report = {
         "judge": {"name": cfg.judge, "kind": kind, "training_judges": list(cfg.training_judges),
                   "differs_from_training_judge": not (judge_identities(cfg.judge) & used_for_training)},
         "prompts": {"file": cfg.prompts, "n": len(records)},
-        "baseline": "sft", "sampling": to_dict(cfg.sampling),
-        "policies": [summarise(r, sft) for r in results],
+        "baseline": "sft", "sampling": to_dict(cfg.sampling), "sampling_seeds": seeds,
+        "kl": {"estimator": "exact", "reference": "sft" if not cfg.reference else cfg.reference,
+               "definition": KL_ESTIMATOR},
+        "policies": [summarise(r, sft, len(seeds)) for r in results],
         "side_by_side": side_by_side(records, results, cfg.side_by_side),
     }
     atomic_write_json(run_.dir / "eval.json", report)
-    write_jsonl(run_.dir / "samples.jsonl", sample_rows(records, results))
+    write_jsonl(run_.dir / "samples.jsonl", sample_rows(records, results, seeds))
     run_.add_output("eval", run_.dir / "eval.json")
     run_.add_output("samples", run_.dir / "samples.jsonl")
     run_.extra["judge"] = report["judge"]
@@ -329,12 +427,18 @@ def print_table(report: dict[str, Any]) -> None:
     fmt = lambda v, d=3: "—" if v is None else f"{v:.{d}f}"
     for row in report["policies"]:
         w = row["win_rate"]
-        wr = "baseline" if not w else f"{100 * w['rate']:.1f}% [{100 * w['low']:.1f}, {100 * w['high']:.1f}]"
+        # several sampling seeds: the bootstrap interval over prompts and seeds (Wilson counts samples as independent)
+        iv = row.get("interval") if len(report.get("sampling_seeds", [])) > 1 else None
+        lo, hi = (iv["low"], iv["high"]) if iv else (w["low"], w["high"]) if w else (0.0, 1.0)
+        wr = "baseline" if not w else f"{100 * w['rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
         wlta = "" if not w else f"{w['wins']}/{w['losses']}/{w['ties']}/{w['abstains']}"
         lc = row.get("lc_win_rate")
         lcw = "" if not lc else f"{100 * lc['rate']:.1f}%" + ("*" if lc["flag"] else "")
         print(f"{row['name']:<12} {fmt(row['reward_mean']):>8} {fmt(row['judge_mean']):>7} {wr:>26} {lcw:>7} {wlta:>13} "
               f"{fmt(row['kl_to_reference'], 4):>9} {row['length_tokens_mean']:>7.1f}", flush=True)
+    if report.get("kl"):
+        print(f"KL/token: exact KL to the {report['kl']['reference']} policy over the whole vocabulary at each "
+              f"position of the policy's own samples (not a sampled log-ratio)", flush=True)
     if any((row.get("lc_win_rate") or {}).get("flag") for row in report["policies"]):
         print("* length-controlled win rate differs from the raw one by more than 10 points: that policy wins "
               "(or loses) by the length of its answers", flush=True)

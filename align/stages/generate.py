@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from align.chat import SYSTEM_PROMPT_HELP, with_system_prompt
 from align.config import opt
 from align.data.records import PromptRecord, prompt_id, read_prompts
 from align.errors import ConfigError, DataError
@@ -38,6 +39,7 @@ class Config:
     seed: int = opt(0, "base sampling seed (replaces sampling.seed): a chunk is seeded with seed + the index of "
                        "its first prompt", ge=0)
     k: int = opt(2, "completions per prompt", ge=1)
+    system_prompt: str = opt("", SYSTEM_PROMPT_HELP)
     max_prompts: int = opt(0, "use only the first N prompts (0: all)", ge=0)
     chunk: int = opt(0, "prompts per append to samples.jsonl (0: sampling.batch_size on hf, 256 on vllm)", ge=0)
     sampling: SamplingSettings = opt(SamplingSettings(), "sampling parameters")
@@ -91,7 +93,8 @@ def sample_rows(sampler: Sampler, records: list[PromptRecord], indices: list[int
 def run(cfg: Config) -> Path:
     if cfg.k < 1:
         raise ConfigError(f"k={cfg.k}: need at least one completion per prompt")
-    records = read_prompts(cfg.prompts)
+    records = [dataclasses.replace(r, prompt=with_system_prompt(r.prompt, cfg.system_prompt))
+               for r in read_prompts(cfg.prompts)]
     if cfg.max_prompts > 0:
         records = records[: cfg.max_prompts]
     resolve_model(cfg.model)  # a bad model fails here, before the run folder exists

@@ -27,7 +27,7 @@ from typing import Any
 
 from align.config import DTYPE_HELP, Dtype, from_dict, opt, to_dict
 from align.data.records import PromptRecord, read_prompts, write_jsonl
-from align.errors import ConfigError
+from align.errors import AlignError, ConfigError
 from align.generation import SamplingSettings
 from align.models.peft import PeftSettings
 from align.rewards import RewardSettings
@@ -43,6 +43,13 @@ class JudgeSettings:
     options: dict[str, Any] = opt({}, "override the spec's options, e.g. {path: runs/reward}")
     min_margin: float = opt(0.0, "score judges: best and worst must differ by this much to make a pair", ge=0.0)
     max_failure_rate: float = opt(0.2, "fail the round when more judgements than this fail", ge=0.0, le=1.0)
+    heldout: str = opt("", "human pairs the judge did NOT learn from (a preference JSONL, or an import run "
+                           "folder: its valid split): its agreement with them is measured and printed before "
+                           "round 1 ('': use `human`, if given)")
+    min_agreement: float = opt(0.0, "stop, before training on its labels, when the judge agrees with the human "
+                                    "pairs on less than this share of its decided pairs (abstaining on all: 0); "
+                                    "checked before round 1 and after every round's judging (0: never stop)",
+                               ge=0.0, le=1.0)
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,38 @@ def held_out(cfg: Config, start: Path, policy: Path) -> dict[str, float]:
             "kl_to_start": metrics["eval/kl"], "length": metrics["eval/length_after"]}
 
 
+def judge_agreement(cfg: Config, out: Path) -> dict[str, float] | None:
+    """Run the judge on the held-out human pairs alone (a judge stage with no samples, in `out`) and return its
+    human_* metrics: agreement on decided pairs, decided, pairs. None when there are no human pairs to ask."""
+    from align.runs import resolve_input
+
+    source = cfg.judge.heldout or cfg.human
+    if not source:
+        return None
+    human = resolve_input(source, what="held-out human pairs", stages=("import", "preferences"),
+                          outputs=("valid", "validation") if cfg.judge.heldout else ("preferences", "train"))
+    out.mkdir(parents=True, exist_ok=True)
+    # the judge stage needs a samples file: one row with no response to compare is judged zero times
+    (out.parent / "no-samples.jsonl").write_text(json.dumps(
+        {"prompt": [{"role": "user", "content": "(judge check: no samples)"}], "responses": [""]}) + "\n")
+    settings = {"samples": str(out.parent / "no-samples.jsonl"), "judge": cfg.judge.spec,
+                "judge_options": dict(cfg.judge.options), "human": str(human), "seed": cfg.seed,
+                "max_failure_rate": cfg.judge.max_failure_rate}
+    metrics = (read_manifest(substage("judge", out, settings)) or {}).get("metrics", {})
+    return {"agreement": metrics.get("human_agreement", 0.0), "decided": metrics.get("human_decisive", 0.0),
+            "pairs": metrics.get("human_pairs", 0.0), "source": str(human)}
+
+
+def require_agreement(run_: Run, agreement: float, minimum: float, what: str) -> None:
+    """Stop (the run marked failed) with the number when the judge agrees with the humans less than `minimum`."""
+    if agreement < minimum:
+        message = (f"online: {what}: the judge agrees with the human labels on {agreement:.1%} of its decided "
+                   f"pairs, below judge.min_agreement={minimum:g}; stopping before training on its labels "
+                   f"(use a better judge, or lower judge.min_agreement)")
+        run_.fail(message)
+        raise AlignError(message)
+
+
 def round_metrics(rdir: Path) -> dict[str, float]:
     """Per-round numbers from the round's judge and dpo manifests."""
     judge = read_manifest(rdir / "judge") or {}
@@ -183,6 +222,12 @@ def run(cfg: Config) -> Path:
     run_ = start_run("online", cfg, resume=cfg.resume)
     run_.add_input(cfg.prompts)
     run_.add_input(start)
+    check = judge_agreement(cfg, run_.dir / "judge-check" / "judge")
+    if check is not None:
+        run_.extra["judge_check"] = check
+        print(f"online: before round 1, judge {cfg.judge.spec} agrees with {check['decided']:.0f} decided of "
+              f"{check['pairs']:.0f} held-out human pairs on {check['agreement']:.1%} ({check['source']})", flush=True)
+        require_agreement(run_, check["agreement"], cfg.judge.min_agreement, "before round 1")
     tb = SummaryWriter(str(run_.dir / "tb"))
     rows: list[dict[str, Any]] = []
     policy = str(start)
@@ -194,14 +239,28 @@ def run(cfg: Config) -> Path:
         print(f"online: round {r}/{cfg.rounds} from {policy}", flush=True)
         settings = round_settings(cfg, r, policy, rdir)
         for stage in ("generate", "judge", "preferences", "dpo"):
+            if stage == "preferences" and not round_metrics(rdir)["ai_pairs"] and not cfg.human_mix:
+                # Every pair tied or abstained (e.g. the policy already does what the judge rewards): nothing to
+                # learn from, so this round keeps its policy instead of failing on an empty preference file.
+                print(f"online: round {r}: the judge decided no pair; the policy carries over unchanged", flush=True)
+                break
             substage(stage, rdir / stage, settings[stage])
-        policy = str(rdir / "dpo")
-        row = {"round": r, **round_metrics(rdir)}
+            release_engines(run_, r, stage)  # the next substage gets the GPU back
+            if stage == "judge" and cfg.human:
+                require_agreement(run_, round_metrics(rdir).get("judge_agreement", 0.0), cfg.judge.min_agreement,
+                                  f"round {r}")
+        else:
+            policy = str(rdir / "dpo")
+        row = {"round": r, "trained": policy == str(rdir / "dpo"), **round_metrics(rdir)}
         if cfg.eval.size > 0:
             row |= held_out(cfg, start, resolve_model(policy))
         rows.append(row)
         record_round(run_, tb, row)
     tb.close()
+    if policy == str(start):
+        message = f"online: no round produced a preference pair ({cfg.rounds} rounds); see the rounds' verdicts.jsonl"
+        run_.fail(message)
+        raise AlignError(message)
     run_.add_output("model", Path(policy) / "model")
     run_.extra["rounds"] = rows
     run_.metrics.update({f"final/{k}": v for k, v in rows[-1].items() if k != "round"})
@@ -209,6 +268,18 @@ def run(cfg: Config) -> Path:
     print(f"online: {cfg.rounds} rounds, {run_.metrics['ai_pairs_total']:.0f} AI-labelled pairs; final policy "
           f"{policy}", flush=True)
     return run_.finish()
+
+
+def release_engines(run_: Run, r: int, stage: str) -> None:
+    """After a substage: shut down the vLLM engines it left open and free memory as the pipeline does between
+    stages; what each engine was given (memory share, dtype, sleep mode) goes into the manifest."""
+    from align.generation.vllm import close_engines
+    from align.stages.pipeline import release_memory
+
+    engines = close_engines()
+    release_memory()
+    if engines:
+        run_.extra.setdefault("engines", []).extend({"round": r, "stage": stage, **e} for e in engines)
 
 
 def record_round(run_: Run, tb: Any, row: dict[str, Any]) -> None:

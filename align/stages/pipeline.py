@@ -22,11 +22,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from align.config import load_config, opt, to_dict
 from align.errors import ConfigError
-from align.runs import Run, check_replaceable, fail_active_runs, fingerprint, now, read_manifest
+from align.runs import (
+    Run,
+    check_replaceable,
+    fail_active_runs,
+    fingerprint,
+    now,
+    read_manifest,
+    release_lock,
+    take_lock,
+    watch_stop_signals,
+)
 
 ORDER = ("sft", "import", "generate", "judge", "preferences", "reward", "ppo", "dpo", "online", "eval", "report")
 
@@ -45,6 +55,9 @@ class Config:
     overwrite: bool = opt(False, "start from nothing: delete output_dir first (only an align pipeline folder)")
     force: bool = opt(False, "re-run every step even when its inputs and config are unchanged")
     seed: int = opt(42, "seed given to every step that has one", ge=0)
+    seeds: list[int] = opt([], "train the whole pipeline once per seed (output_dir/seed-<s>/) and report every "
+                               "policy's win rate over the seeds with seed-aware intervals (make quality); "
+                               "[]: once, with `seed`")
     model: str = opt("default", "the base model SFT starts from")
     human: list[str] = opt(["data/human/demo_labelstudio.json"], "human annotation exports for `align import`")
     prompts: str = opt("data/prompts/train.jsonl", "training prompts (generate, PPO)")
@@ -52,6 +65,8 @@ class Config:
     recipes: str = opt("stages", "folder of stage recipes (stages/tiny for the test pipeline)")
     until: str = opt("", "stop after this step ('' = run all)")
     steps: dict[str, Step] = opt({}, f"per-step settings, keyed by step: {', '.join(ORDER)}")
+    online_from: Literal["sft", "dpo"] = opt("sft", "the policy online RLAIF's first round starts from: sft, or dpo "
+                                                    "(human pairs first, then AI rounds on top; needs the dpo step)")
 
 
 @dataclass
@@ -93,6 +108,10 @@ def wiring(cfg: Config, root: Path, enabled: set[str]) -> dict[str, dict[str, An
     judge_spec = judge_of(cfg) if "judge" in enabled else None
     online_judge = online_judge_of(cfg) if "online" in enabled else None
     training_judges = [j for j in (judge_spec, online_judge) if j]
+    # the reward-model judge labels with the pipeline's reward model; its agreement is checked, before round 1, on
+    # the human pairs the reward model was validated on, not trained on (import's valid split)
+    online_judge_keys = {**({"options": {"path": d["reward"]}} if online_judge == "reward_model" else {}),
+                         **({"heldout": d["import"]} if "import" in enabled else {})}
     return {
         "sft": {"model": cfg.model},
         "import": {"inputs": list(cfg.human), "model": cfg.model},
@@ -107,11 +126,10 @@ def wiring(cfg: Config, root: Path, enabled: set[str]) -> dict[str, dict[str, An
         "dpo": {"policy": d["sft"], "data": {"train": f"{d['preferences']}/train.jsonl",
                                              "validation": f"{d['preferences']}/valid.jsonl"},
                 "eval": {"reward": {"model": d["reward"], "function": ""}}},
-        "online": {"policy": d["sft"], "prompts": cfg.prompts,
+        "online": {"policy": d[cfg.online_from], "prompts": cfg.prompts,
                    "eval": {"prompts": cfg.eval_prompts, "reward": {"model": d["reward"], "function": ""}},
                    **({"human": d["import"]} if "import" in enabled else {}),
-                   # the reward-model judge labels with the pipeline's reward model
-                   **({"judge": {"options": {"path": d["reward"]}}} if online_judge == "reward_model" else {})},
+                   **({"judge": online_judge_keys} if online_judge_keys else {})},
         "eval": {"sft": d["sft"], "policies": [d[p] for p in policies], "names": policies,
                  "reward_model": d["reward"], "prompts": cfg.eval_prompts, "training_judges": training_judges},
         "report": {"run_dir": str(root), "output_dir": d["report"]},
@@ -158,6 +176,9 @@ def stage_entry(stage: str) -> tuple[type, Callable[[Any], Path]]:
 
 def plan(cfg: Config) -> list[PlannedStep]:
     """The enabled steps in order, each with its recipe and its overrides (wiring, then the user's)."""
+    on = {name: cfg.steps.get(name, Step()).enabled for name in ("dpo", "online")}
+    if cfg.online_from == "dpo" and on["online"] and not on["dpo"]:
+        raise ConfigError("online_from=dpo needs the dpo step; enable it or set online_from=sft")
     unknown = sorted(set(cfg.steps) - set(ORDER))
     if unknown:
         raise ConfigError(f"steps: unknown step(s) {', '.join(unknown)}; the steps are {', '.join(ORDER)}")
@@ -263,9 +284,10 @@ def execute(steps: list[PlannedStep], root: Path, config: dict[str, Any], force:
             step.run(step_config(step, extra))
         except BaseException as e:
             fail_active_runs(f"{type(e).__name__}: {e}")
-            record.update({"status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+            stopped = isinstance(e, KeyboardInterrupt)  # Ctrl-C or a scheduler's SIGTERM: resumable
+            record.update({"status": "interrupted" if stopped else "failed",
                            "seconds": time.perf_counter() - t0, "error": f"{type(e).__name__}: {e}"[:500]})
-            top.write_manifest("failed")
+            top.write_manifest("interrupted" if stopped else "failed")
             raise
         finally:
             release_memory()
@@ -290,18 +312,52 @@ def print_summary(records: dict[str, dict[str, Any]], total: float) -> None:
           f"{sum(r.get('run_seconds') or 0.0 for r in records.values()):>9.1f}s", flush=True)
 
 
+def seed_configs(cfg: Config) -> list[Config]:
+    """One pipeline config per training seed, each in its own folder under output_dir."""
+    if len(set(cfg.seeds)) != len(cfg.seeds) or any(s < 0 for s in cfg.seeds):
+        raise ConfigError(f"seeds={list(cfg.seeds)}: give distinct non-negative seeds, e.g. seeds=[1,2,3]")
+    return [dataclasses.replace(cfg, seed=s, seeds=[], output_dir=str(Path(cfg.output_dir) / f"seed-{s}"))
+            for s in cfg.seeds]
+
+
+def run_seeds(cfg: Config) -> Path:
+    """The pipeline once per seed, then the quality report over the seeds' evaluations (quality.json)."""
+    from align.quality import print_quality, quality_report, read_seed_evals
+    from align.runs import atomic_write_json
+
+    configs = seed_configs(cfg)
+    if cfg.until or not cfg.steps.get("eval", Step()).enabled:
+        raise ConfigError("seeds=[...] compares the seeds' evaluations: run every step through eval (no `until`)")
+    t0 = time.perf_counter()
+    for sub in configs:
+        print(f"pipeline: training seed {sub.seed} -> {sub.output_dir}", flush=True)
+        run(sub)
+    rows, evals = read_seed_evals({sub.seed: Path(sub.output_dir) / "eval" for sub in configs})
+    report = quality_report(rows, evals) | {"seconds": time.perf_counter() - t0}
+    atomic_write_json(Path(cfg.output_dir) / "quality.json", report)
+    print_quality(report)
+    return Path(cfg.output_dir)
+
+
 def run(cfg: Config) -> Path:
     from align.stages.eval import print_table, read_eval
 
+    if cfg.seeds:
+        return run_seeds(cfg)
     root = Path(cfg.output_dir)
     steps = plan(cfg)
-    if cfg.overwrite and root.is_dir() and any(root.iterdir()):
-        check_replaceable(root, "pipeline", to_dict(cfg))
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    records = execute(steps, root, to_dict(cfg), force=cfg.force,
-                      inputs=[*cfg.human, cfg.prompts, cfg.eval_prompts])
+    take_lock(root)  # one pipeline per folder: a second launch is refused, naming this one
+    watch_stop_signals()  # SIGTERM: the running step checkpoints and stops; the pipeline is marked interrupted
+    try:
+        if cfg.overwrite and root.is_dir() and any(root.iterdir()):
+            check_replaceable(root, "pipeline", to_dict(cfg))
+            shutil.rmtree(root)
+        root.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        records = execute(steps, root, to_dict(cfg), force=cfg.force,
+                          inputs=[*cfg.human, cfg.prompts, cfg.eval_prompts])
+    finally:
+        release_lock(root)
     print_summary(records, time.perf_counter() - t0)
     if "eval" in records:
         evaluation = read_eval(root / records["eval"]["dir"])

@@ -2,7 +2,9 @@
 
 The base is the SFT output by default (an adapter is merged first) with a one-output score head. We tokenize
 pairs ourselves with `align.reward_model.encode` so training and `RewardModel.score` see identical ids, and
-compute the held-out metrics with `RewardModel` on the saved folder, so the numbers are the API's numbers.
+compute the held-out metrics with `RewardModel` on the saved folder, so the numbers are the API's numbers. Next
+to them, the same held-out pairs are scored by two free baselines (the base model's log p(chosen) − log p(rejected),
+and "the longer answer wins"); a reward model that does not beat both is reported in one warning line.
 """
 
 from __future__ import annotations
@@ -18,7 +20,17 @@ from align.errors import DataError
 from align.models.load import is_adapter, load_model, load_tokenizer, pick_dtype, resolve_model
 from align.models.peft import PeftSettings, adalora_callback, count_parameters
 from align.models.policy import METHODS, check_method, load_policy, point_adapter_at
-from align.reward_model import RewardModel, calibration_table, check_tokenizer_fits, encode, heldout_metrics
+from align.reward_model import (
+    RewardModel,
+    baseline_accuracies,
+    baseline_warning,
+    calibration_table,
+    check_tokenizer_fits,
+    encode,
+    heldout_metrics,
+    response_lengths,
+    response_logprobs,
+)
 from align.runs import Run, atomic_write_json, resolve_input, start_run
 from align.training import (
     TrainSettings,
@@ -53,6 +65,9 @@ class Config:
     center_rewards_coefficient: float = opt(0.0, "push rewards towards mean zero (TRL; 0 = off, 0.01 typical)", ge=0.0)
     use_margin: bool = opt(False, "subtract meta.margin from r_chosen - r_rejected in the loss (0 where absent)")
     calibration_bins: int = opt(5, "bins of the held-out calibration table over confidence [0.5, 1]", ge=1, le=100)
+    baselines: bool = opt(True, "also score the held-out pairs with two free baselines (the base model's "
+                                "log p(chosen) - log p(rejected), and 'the longer answer wins') and say when the "
+                                "reward model does not beat both")
     data: DataSettings = opt(DataSettings(), "preference data")
     peft: PeftSettings = opt(PeftSettings(), "parameter-efficient method (the score head is always trained)")
     train: TrainSettings = opt(TrainSettings(lr=1e-4, eval_steps=25, save_steps=50), "optimisation")
@@ -155,6 +170,8 @@ def run(cfg: Config) -> Path:
     reward_model = RewardModel.load(run_.dir / "model", batch_size=cfg.train.batch_size)
     chosen, rejected = reward_model.score_preferences(val_records)
     report_heldout(run_, chosen, rejected, cfg.calibration_bins, trainer.state.global_step)
+    del reward_model
+    warning = report_baselines(run_, base, tokenizer, val_records, cfg) if cfg.baselines else None
 
     run_.metrics.update(history_metrics(trainer.state.log_history))
     run_.metrics.update({f"{k}_before": before[k] for k in ("eval_accuracy", "eval_margin", "eval_loss") if k in before})
@@ -166,6 +183,12 @@ def run(cfg: Config) -> Path:
     m = run_.metrics
     print(f"held-out pairwise accuracy {m['heldout_accuracy']:.3f} (mean margin {m['heldout_margin_mean']:.3f}, "
           f"ECE {m['heldout_ece']:.3f}) on {len(val_records)} pairs; model saved to {run_.dir / 'model'}", flush=True)
+    if cfg.baselines:
+        print(f"free baselines on the same pairs: base-model log-likelihood ratio "
+              f"{m['heldout_baseline_loglik_ratio_accuracy']:.3f}, longer answer wins "
+              f"{m['heldout_baseline_longer_wins_accuracy']:.3f}", flush=True)
+    if warning:
+        print(f"reward: {warning}", flush=True)
     return run_.finish()
 
 
@@ -200,6 +223,23 @@ def save_model(model: Any, tokenizer: Any, base: Path, cfg: Config, run_: Run) -
         run_.add_output("adapter", adapter_dir)
     tokenizer.save_pretrained(out)
     run_.add_output("model", out)
+
+
+def report_baselines(run_: Run, base: Path, tokenizer: Any, records: list[PreferenceRecord],
+                     cfg: Config) -> str | None:
+    """The held-out accuracy of the free baselines into the manifest (heldout_baseline_*_accuracy, and
+    extra.baselines); returns the one-line warning when the reward model does not beat both, else None."""
+    import torch
+
+    lm = load_policy(base, stage="reward", dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code).model
+    lm = lm.to("cuda") if torch.cuda.is_available() else lm
+    logp = response_logprobs(lm, tokenizer, records, batch_size=cfg.train.batch_size)
+    del lm
+    accuracy = baseline_accuracies(*logp, *response_lengths(tokenizer, records))
+    run_.metrics.update({f"heldout_baseline_{k}_accuracy": v for k, v in accuracy.items()})
+    warning = baseline_warning(run_.metrics["heldout_accuracy"], accuracy)
+    run_.extra["baselines"] = {"base_model": str(base), "accuracy": accuracy, "beats_both": warning is None}
+    return warning
 
 
 def report_heldout(run_: Run, chosen: list[float], rejected: list[float], bins: int, step: int) -> None:

@@ -6,10 +6,11 @@ Loss is on assistant tokens only by default: we tokenize each conversation with 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from align.chat import CHAT_TEMPLATE_HELP, SYSTEM_PROMPT_HELP, use_chat_template, with_system_prompt
 from align.config import DTYPE_HELP, VALIDATION_FRACTION_HELP, VALIDATION_HELP, Dtype, opt
 from align.data.records import Message, SFTExample, read_sft
 from align.errors import DataError
@@ -60,6 +61,8 @@ class Config:
     dtype: Dtype = opt("auto", DTYPE_HELP)
     trust_remote_code: bool = opt(False, "allow model code from the model folder (off: only built-in architectures)")
     neftune_noise_alpha: float = opt(0.0, "NEFTune embedding noise (0: off; 5 is typical)", ge=0.0)
+    chat_template: str = opt("", CHAT_TEMPLATE_HELP)
+    system_prompt: str = opt("", SYSTEM_PROMPT_HELP)
     data: DataSettings = opt(DataSettings(), "training data")
     peft: PeftSettings = opt(PeftSettings(), "parameter-efficient method")
     train: TrainSettings = opt(TrainSettings(), "optimisation")
@@ -131,9 +134,10 @@ def run(cfg: Config) -> Path:
         train_examples, val_examples = split_examples(train_examples, cfg.data.validation_fraction, cfg.seed)
 
     base = resolve_model(cfg.model)  # everything is checked before the run folder exists
-    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
-    if not tokenizer.chat_template:
-        raise DataError(f"model {base} has no chat template; SFT on conversations needs one")
+    tokenizer = use_chat_template(load_tokenizer(base, cfg.trust_remote_code), cfg.chat_template, cfg.model)
+    if cfg.system_prompt:
+        train_examples = [replace(e, messages=with_system_prompt(e.messages, cfg.system_prompt)) for e in train_examples]
+        val_examples = [replace(e, messages=with_system_prompt(e.messages, cfg.system_prompt)) for e in val_examples]
     train_ds, n_tokens, n_dropped = build_dataset(train_examples, tokenizer, cfg.data)
     val_ds, _, _ = build_dataset(val_examples, tokenizer, cfg.data)
     if len(train_ds) == 0 or len(val_ds) == 0:

@@ -7,6 +7,7 @@ so bad bytes survive into the row and the field checks reject that row alone.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -29,7 +30,11 @@ class RawRow:
 
 
 def read_rows(path: Path | str) -> list[RawRow]:
-    """Every row of one annotation file, by its extension."""
+    """Every row of one annotation file, by its extension (or of an `hf:` dataset, see align/data/hub.py)."""
+    if str(path).startswith("hf:"):
+        from align.data.hub import hub_rows
+
+        return [RawRow(f"{path}[{i}]", row) for i, row in enumerate(hub_rows(str(path)), start=1)]
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found; check the path (relative paths start at the repo root)")
@@ -53,7 +58,7 @@ def read_rows(path: Path | str) -> list[RawRow]:
 def jsonl_rows(data: bytes, name: str) -> list[RawRow]:
     """One row per non-blank line; a bad line is a rejected row, not an error."""
     rows = []
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+    for lineno, raw in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n"), start=1):
         if not raw.strip():
             continue
         origin = f"{name}:{lineno}"

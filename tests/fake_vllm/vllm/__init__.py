@@ -5,7 +5,7 @@ cross-checked against 0.10.2, 0.15.0-0.20.0, 0.25.0 and 0.30.0. Where versions d
 ALL of them accept (an argument added in 0.16 is refused here), so code that passes these tests runs on every
 version in the range. Each signature names the file and versions it comes from.
 
-Not mirrored (align does not use them): chat(), beam search, pooling, sleep/wake_up, multimodal inputs.
+Not mirrored (align does not use them): chat(), beam search, pooling, multimodal inputs.
 Stricter than vLLM on purpose: keyword-only SamplingParams, type checks on the fields align sets, and
 assertions for two silent vLLM pitfalls (a reused LoRA id, a stale prefix cache after a weight reload).
 

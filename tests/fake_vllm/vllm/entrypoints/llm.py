@@ -9,6 +9,13 @@
   runner's reload_weights(weights_iterator=None, weights_path=None, is_checkpoint_format=True) loads
   `weights_path` in place (docs/features/sleep_mode.md documents collective_rpc("reload_weights")).
 - reset_prefix_cache() with no arguments: valid in every version (its parameters changed in 0.15).
+- sleep(level=1) / wake_up(tags=None): identical 0.10.0-0.33.0; the engine core asserts "Sleep mode is not enabled
+  in the model config" unless the engine was built with enable_sleep_mode=True (v1/engine/core.py); requests while
+  asleep are the caller's error ("The caller should guarantee that no requests are being processed during the
+  sleep period"), asserted here.
+- dtype="auto" (config/model.py _get_and_verify_dtype): the config.json's torch_dtype, except float32, which is
+  served in float16 (0.10.0's documented rule; later versions pick the platform's 16-bit type): a float32 folder is
+  never served in float32 unless asked. `served_dtype` records the result.
 Engine checks mirrored: max_model_len <= the model's derived length (config/model.py _get_and_verify_max_len),
 attention heads divisible by tensor_parallel_size (ParallelConfig), max_lora_rank in the supported sizes
 (LoRAConfig), LoRA requests need enable_lora, an adapter's rank <= max_lora_rank, prompts are non-empty and
@@ -101,6 +108,10 @@ class LLM:
                              f"max_model_len ({derived}) in model's config.json). To allow overriding this "
                              f"maximum, set the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN=1.")
         self.max_model_len = args["max_model_len"] or derived
+        saved = config.get("torch_dtype") or config.get("dtype") or "float32"
+        auto = "float16" if saved == "float32" else saved
+        self.served_dtype = {"auto": auto, "half": "float16", "float": "float32"}.get(args["dtype"], args["dtype"])
+        self.sleeping = False
         self.tokenizer = AutoTokenizer.from_pretrained(args["tokenizer"] or model,
                                                        trust_remote_code=args["trust_remote_code"])
         self._words = self.tokenizer.encode(_WORDS, add_special_tokens=False)
@@ -127,6 +138,7 @@ class LLM:
                  priority: int | Sequence[int] | None = None) -> list[RequestOutput]:
         if not (isinstance(use_tqdm, bool) or callable(use_tqdm)):
             raise TypeError(f"use_tqdm must be a bool or a callable, got {type(use_tqdm).__name__}")
+        assert not self.sleeping, "fake vllm: generate while the engine sleeps (call wake_up() first)"
         assert not self._stale_prefix_cache, (
             "fake vllm: generate after reload_weights without reset_prefix_cache(): real vLLM would reuse KV "
             "cached from the old weights")
@@ -268,6 +280,18 @@ class LLM:
         self.weights_version += 1
         self._stale_prefix_cache = True
         return [None] * self.engine_args["tensor_parallel_size"]
+
+    def sleep(self, level: int = 1) -> None:
+        assert self.engine_args.get("enable_sleep_mode"), "Sleep mode is not enabled in the model config"
+        _check("level", level, int)
+        self.reset_prefix_cache()
+        self.sleeping = True
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        assert self.engine_args.get("enable_sleep_mode"), "Sleep mode is not enabled in the model config"
+        if tags is not None and not set(tags) <= {"weights", "kv_cache"}:
+            raise ValueError(f"wake_up tags must be in ('weights', 'kv_cache'), got {tags}")
+        self.sleeping = False
 
     def reset_prefix_cache(self) -> bool:
         self._stale_prefix_cache = False
