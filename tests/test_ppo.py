@@ -89,18 +89,24 @@ def load_file_critic(run_dir: Path) -> dict:
     return load_file(str(run_dir / "critic.safetensors"))
 
 
-def test_ppo_resumes_after_sigkill(toy_policy: Path, tmp_path: Path, one_thread: None) -> None:
-    out = tmp_path / "run"
-    args = [f"policy={toy_policy}", f"output_dir={out}", "reward.function=test_ppo:count_target", "ppo.steps=6",
-            "log.save_every=2", "data.eval_size=0"]
+def start_ppo_cli(args: list[str], until: Path) -> subprocess.Popen:
+    """`align ppo` on the tiny recipe in a subprocess, returned once `until` exists (it must not exit first)."""
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "align.cli", "ppo", str(TINY), *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 180
-    while not (out / "checkpoints" / "step-2" / "state.json").is_file():
+    while not until.is_file():
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline, "no checkpoint after 180 s"
+        assert time.time() < deadline, f"no {until.name} after 180 s"
         time.sleep(0.05)
+    return proc
+
+
+def test_ppo_resumes_after_sigkill(toy_policy: Path, tmp_path: Path, one_thread: None) -> None:
+    out = tmp_path / "run"
+    args = [f"policy={toy_policy}", f"output_dir={out}", "reward.function=test_ppo:count_target", "ppo.steps=6",
+            "log.save_every=2", "data.eval_size=0"]
+    proc = start_ppo_cli(args, until=out / "checkpoints" / "step-2" / "state.json")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert json.loads((out / "manifest.json").read_text())["status"] == "running"
@@ -217,14 +223,7 @@ def test_ppo_sigterm_checkpoints_the_step_and_resume_finishes_it(toy_policy: Pat
     out = tmp_path / "run"
     args = [f"policy={toy_policy}", f"output_dir={out}", "reward.function=test_ppo:count_target", "ppo.steps=4",
             "log.save_every=4", "data.eval_size=0"]
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "align.cli", "ppo", str(TINY), *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 180
-    while not (out / "metrics.jsonl").is_file():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline, "no step after 180 s"
-        time.sleep(0.05)
+    proc = start_ppo_cli(args, until=out / "metrics.jsonl")  # the first step is logged
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 130, proc.stderr.read().decode()[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())
