@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_rlhf_math import t  # the tensor builder of the hand-computed RL math tests
 
 from align.errors import ConfigError
 from align.generation.hf import token_logprobs
@@ -24,10 +25,6 @@ from align.rlhf.core import (
     token_mean,
     whiten,
 )
-
-
-def t(rows: list) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float32)
 
 
 def on_two_processes(work: list[Callable[[Callable], torch.Tensor]]) -> list[torch.Tensor]:

@@ -271,7 +271,8 @@ def load_model(path: Path, *, dtype: str = "auto", load_in_4bit: bool = False, t
     exactly, a stacked adapter merged); with `merge` the adapter is folded in (LoRA family) in float32 too, and
     only then is the model cast to `dtype`, so the result is the adapter's model, not one whose LoRA
     delta was rounded away in bf16 or requantized to 4 bits. (With `load_in_4bit` the merged model must be 4-bit
-    again: that path merges into the quantized base, which is not exact; `load_policy` avoids it for references.)
+    again: that path merges into the quantized base and is not exact, so a qlora DPO/PPO started from an SFT
+    adapter has a reference that differs from the SFT policy by the requantization.)
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
