@@ -163,6 +163,21 @@ def run_callback() -> Any:
     return RunCallback()
 
 
+def evaluate_before_training(trainer: Any) -> dict[str, float]:
+    """`trainer.evaluate()` before `trainer.train()`, leaving data-parallel training intact.
+
+    transformers' evaluation loop prepares the bare model for evaluation, and accelerate marks it prepared; `train()`
+    then skips wrapping it in DistributedDataParallel, so under several processes each one stepped on its own
+    gradients (found 2026-12-04: 2 processes x batch 2 took a different step from 1 x batch 4). The mark and the
+    registration the evaluation made are undone, so `train()` wraps the model as it would without the evaluation."""
+    metrics = trainer.evaluate()
+    model, accelerator = trainer.model, trainer.accelerator
+    if trainer.model_wrapped is model and getattr(model, "_is_accelerate_prepared", False):
+        del model._is_accelerate_prepared
+        accelerator._models[:] = [m for m in accelerator._models if m is not model]
+    return metrics
+
+
 def last_checkpoint(run_dir: Path) -> str | None:
     """The newest sound `checkpoints/checkpoint-N` folder, for resume. The Trainer writes trainer_state.json
     last, so a checkpoint without it whole (or without its RNG state) was torn by a kill or a full disk mid-save

@@ -35,6 +35,7 @@ from align.runs import Run, atomic_write_json, resolve_input, start_run
 from align.training import (
     TrainSettings,
     callbacks,
+    evaluate_before_training,
     history_metrics,
     last_checkpoint,
     precision_flags,
@@ -161,7 +162,7 @@ def run(cfg: Config) -> Path:
             if p.requires_grad and ".score." in f".{name}":
                 p.data = p.data.float()
     checkpoint = last_checkpoint(run_.dir) if cfg.resume else None
-    before = trainer.evaluate() if checkpoint is None else {}
+    before = evaluate_before_training(trainer) if checkpoint is None else {}
     trainer.train(resume_from_checkpoint=checkpoint)
     if not run_.is_main:  # multi-process: the main process saves and reports
         return run_.dir

@@ -30,6 +30,7 @@ from align.runs import start_run
 from align.training import (
     TrainSettings,
     callbacks,
+    evaluate_before_training,
     history_metrics,
     last_checkpoint,
     padding_free_matches,
@@ -166,7 +167,7 @@ def run(cfg: Config) -> Path:
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                          processing_class=tokenizer, callbacks=callbacks(cfg.train, run_.dir, True) + extra)
     compact_lm_head(trainer.model, outputs=("log_probs", "entropy", "is_top1"))
-    before = trainer.evaluate()["eval_loss"]
+    before = evaluate_before_training(trainer)["eval_loss"]
     checksums = param_checksums(trainer.model)
     trainer.train(resume_from_checkpoint=last_checkpoint(run_.dir) if cfg.resume else None)
     final = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
