@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ import torch
 from align.config import opt
 from align.errors import ConfigError
 from align.tracking import TRACKERS_HELP, TrackerName, check_trackers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -169,12 +172,15 @@ def evaluate_before_training(trainer: Any) -> dict[str, float]:
     transformers' evaluation loop prepares the bare model for evaluation, and accelerate marks it prepared; `train()`
     then skips wrapping it in DistributedDataParallel, so under several processes each one stepped on its own
     gradients (found 2026-12-04: 2 processes x batch 2 took a different step from 1 x batch 4). The mark and the
-    registration the evaluation made are undone, so `train()` wraps the model as it would without the evaluation."""
+    registration the evaluation made are undone (and its mixed-precision forward, which `train()` adds again), so
+    `train()` prepares the model as it would without the evaluation."""
     metrics = trainer.evaluate()
     model, accelerator = trainer.model, trainer.accelerator
     if trainer.model_wrapped is model and getattr(model, "_is_accelerate_prepared", False):
         del model._is_accelerate_prepared
         accelerator._models[:] = [m for m in accelerator._models if m is not model]
+        if "_original_forward" in vars(model):
+            model.forward = vars(model).pop("_original_forward")
     return metrics
 
 
@@ -268,7 +274,7 @@ def run_trl_online(stage: str, cfg: Any, trainer_cls: Any, config_cls: Any, algo
                          total_steps=max(cfg.train.max_steps, 1))
     model, tokenizer, trained = policy.model, policy.tokenizer, policy.trained
     n_train, n_total = count_parameters(model)
-    print(f"{stage}: {trained} ({n_train:,} of {n_total:,} parameters); reward: {reward_from}", flush=True)
+    log.info(f"{stage}: {trained} ({n_train:,} of {n_total:,} parameters); reward: {reward_from}")
 
     args = config_cls(**trainer_kwargs(cfg.train, run_.dir, seed=cfg.seed, has_eval=False), **precision_flags(dtype),
                       num_generations=o.num_generations, max_completion_length=o.max_completion_length,

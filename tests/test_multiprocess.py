@@ -214,3 +214,37 @@ if __name__ == "__main__":  # `-m test_multiprocess STAGE RECIPE ...`: align.cli
     from align.cli import main
 
     sys.exit(main(sys.argv[1:]))
+
+
+def _wrapping_depth(fn) -> int:
+    depth = 0
+    while hasattr(fn, "__wrapped__"):
+        fn, depth = fn.__wrapped__, depth + 1
+    return depth
+
+
+def test_an_evaluation_before_training_leaves_the_model_for_train_to_prepare(tiny_model: Path,
+                                                                             tmp_path: Path) -> None:
+    """`evaluate_before_training` undoes what the evaluation's preparation did (accelerate's prepared mark, its
+    registration, its bf16 autocast forward), so `train()` prepares the model exactly as with no evaluation first:
+    wrapped in DDP under several processes (the test above), one autocast layer in bf16."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from align.training import evaluate_before_training
+
+    rows = Dataset.from_list([{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8]}] * 4)
+    depths = []
+    for evaluate_first in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        args = TrainingArguments(str(tmp_path / f"t{evaluate_first}"), bf16=True, max_steps=1, report_to="none",
+                                 per_device_train_batch_size=2, per_device_eval_batch_size=2, use_cpu=True,
+                                 save_strategy="no", disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows)
+        if evaluate_first:
+            assert "eval_loss" in evaluate_before_training(trainer)
+            assert not getattr(trainer.model, "_is_accelerate_prepared", False)
+            assert trainer.model not in trainer.accelerator._models
+        trainer.train()
+        depths.append(_wrapping_depth(trainer.model.forward))
+    assert depths[0] == depths[1] > 0, depths
