@@ -62,6 +62,7 @@ def fake_pipeline(root: Path) -> Path:
              "reference": "base", "length_tokens_mean": 55.0, "finished_fraction": 0.9},
             {"name": "ppo", "reward_mean": 0.81, "judge_mean": 0.7, "win_rate": win, "kl_to_reference": 0.05,
              "reference": "sft", "length_tokens_mean": 31.5, "finished_fraction": 1.0}],
+        "kl": {"estimator": "exact", "reference": "sft", "definition": "Σ_v π(v|prefix)·(log π − log π_ref) <per token>"},
         "side_by_side": [{"prompt": "How do I store <basil>?",
                           "responses": {"sft": {"text": "Great question! <script>alert(1)</script>", "reward": 0.1,
                                                 "judge": 0.2},
@@ -99,6 +100,9 @@ def test_report_on_fake_pipeline(tmp_path: Path) -> None:
     assert html.count('<tr class="eval-row">') == 2
     assert "75.0% [53.0%, 89.0%]" in html and "14 / 4 / 2 / 0" in html
     assert "a different one" in html and "<b>llm</b>" in html and "house_style_score" in html
+    # how the KL column was estimated, with the definition escaped like every other text
+    assert re.search(r'id="kl-estimator">KL to reference \(exact estimator, reference\s+<b>sft</b>\): '
+                     r'Σ_v π\(v\|prefix\)·\(log π − log π_ref\) &lt;per token&gt;', html)
     # data statistics, lineage, and escaping of model output
     assert "1m 02.5s" in html  # the steps table: 5 steps of 12.5 s
     assert "agreement" in html and "rejected_by_reason" in html and "0123456789ab" in html
