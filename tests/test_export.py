@@ -163,6 +163,10 @@ def test_gguf_export_reads_back(sft_run, tmp_path):
     assert len(fields["tokenizer.ggml.tokens"].data) == config.vocab_size
     assert fields["tokenizer.chat_template"].contents() == tok.chat_template
     assert fields["tokenizer.ggml.eos_token_id"].contents() == tok.eos_token_id
+    # what the tokenizer adds, stated, so no runtime guesses (a guessed BOS would double <|im_start|> in ChatML)
+    ids = tok("a")["input_ids"]
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is (ids[0] == tok.bos_token_id)
+    assert fields["tokenizer.ggml.add_eos_token"].contents() is (ids[-1] == tok.eos_token_id)
 
     g_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     text = "Colour 3? <|im_end|> blue sky"
@@ -229,27 +233,3 @@ def test_bring_your_own_walkthrough(tiny_model, tmp_path, monkeypatch, one_threa
     service = serve.load_service(parse_args("serve", ["model=runs/my-export", "dtype=float32"], serve.Config))
     reply = service.chat({"messages": [{"role": "user", "content": "Store basil?"}], "max_tokens": 3})
     assert reply["choices"][0]["message"]["role"] == "assistant"
-
-
-@pytest.mark.slow
-def test_gguf_greedy_tokens_match_transformers_in_llama_cpp(sft_run, tmp_path):
-    """Opt-in (needs llama-cpp-python, a ~12 min source build): llama.cpp's greedy tokens on the exported GGUF equal
-    transformers' on the merged model for a few chat prompts."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install llama-cpp-python)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    run = run_export(sft_run, tmp_path / "export", "format=gguf", "gguf_type=f32", "name=tiny")
-    tok = AutoTokenizer.from_pretrained(run / "model")
-    model = AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32).eval()
-    llm = llama_cpp.Llama(model_path=str(run / "gguf" / "tiny-f32.gguf"), n_ctx=256, verbose=False, seed=0)
-    for question in ("Colour 3?", "What colour is the sky?", "Name a fruit."):
-        ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                      tokenize=True, return_dict=False)
-        with torch.no_grad():
-            expected = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
-        got = []
-        for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
-            got.append(token)
-            if len(got) == len(expected) or token == tok.eos_token_id:
-                break
-        assert got == expected[:len(got)] and len(got) == len(expected), question

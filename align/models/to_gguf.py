@@ -59,6 +59,13 @@ def write_metadata(writer: Any, config: Any, name: str) -> None:
     writer.add_vocab_size(config.vocab_size)
 
 
+def added_specials(tokenizer: Any) -> dict[str, bool]:
+    """{"bos": ..., "eos": ...}: whether the tokenizer puts its BOS first / EOS last when it encodes a text."""
+    ids = tokenizer("a")["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return {"bos": bos is not None and ids[0] == bos, "eos": eos is not None and ids[-1] == eos}
+
+
 def write_tokenizer(writer: Any, folder: Path, tokenizer: Any, vocab_size: int, pre: str) -> None:
     import gguf
 
@@ -71,6 +78,9 @@ def write_tokenizer(writer: Any, folder: Path, tokenizer: Any, vocab_size: int, 
     writer.add_token_types(types)
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
     special.chat_template = None  # written below from the tokenizer, whichever file it came from
+    # Whether BOS/EOS wrap a tokenized text, as the HF tokenizer does it: left unset, llama.cpp guesses per
+    # tokenizer type and version (a second <|im_start|> in front of every ChatML prompt when it guesses BOS)
+    special.add_special_token.update(added_specials(tokenizer))
     special.add_to_gguf(writer, quiet=True)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
