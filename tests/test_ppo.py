@@ -199,11 +199,37 @@ def test_ppo_config_errors(tiny_model: Path, tmp_path: Path) -> None:
         config(tiny_model, tmp_path / "d", "critic.kind=other")
 
 
+SYSTEM = "Answer like a ship's cook."
+
+
+def system_first(prompt: list, response: str) -> float:
+    """1 when the prompt PPO sampled from (and scores) starts with SYSTEM as its system message, else 0."""
+    return float(prompt[0] == {"role": "system", "content": SYSTEM})
+
+
+def test_system_prompt_reaches_the_rollout_and_eval_prompts(tiny_model: Path, tmp_path: Path,
+                                                             one_thread: None) -> None:
+    """system_prompt= puts a system message first in every PPO prompt (training rollouts and the held-out check):
+    the reward sees the conversation the sampler rendered, so a missing system message scores 0."""
+    from align.stages.ppo_rollout import read_step_prompts
+
+    run_dir = ppo.run(config(tiny_model, tmp_path / "run", "reward.function=test_ppo:system_first", "ppo.steps=1",
+                             "ppo.batch_size=2", "ppo.mini_batch_size=2", "sampling.max_new_tokens=2",
+                             "data.eval_size=1", f"system_prompt={SYSTEM}"))
+    assert metrics_rows(run_dir)[0]["reward/mean"] == 1.0
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["metrics"]["eval/reward_after"] == 1.0 and manifest["ppo"]["system_prompt"] == SYSTEM
+    plain = read_step_prompts(str(REPO / "data/prompts/train.jsonl"), "")
+    assert all(r.prompt[0]["role"] != "system" for r in plain[:4])  # the data itself has none
+
+
 def test_step_prompts_split_processes_and_epochs() -> None:
     from align.data.records import PromptRecord
 
     prompts = [PromptRecord(prompt=[{"role": "user", "content": str(i)}]) for i in range(10)]
-    pick = lambda step, rank: [p.prompt[0]["content"] for p in ppo.step_prompts(prompts, step, rank, 2, 2, seed=3)]
+    from align.stages.ppo_rollout import step_prompts
+
+    pick = lambda step, rank: [p.prompt[0]["content"] for p in step_prompts(prompts, step, rank, 2, 2, seed=3)]
     first_pass = pick(0, 0) + pick(0, 1) + pick(1, 0) + pick(1, 1) + pick(2, 0)
     assert sorted(first_pass, key=int) == [str(i) for i in range(10)]  # every prompt once per pass
     assert pick(1, 1) == pick(1, 1)  # a pure function of (step, rank): resumable

@@ -4,6 +4,7 @@ sampling correction (hand-computed), and the refusals that keep a multi-process 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -129,25 +130,33 @@ def test_hf_sampler_logprob_is_of_the_distribution_drawn_from() -> None:
 def test_resume_with_another_process_count_is_refused_with_both_numbers(tmp_path: Path) -> None:
     from align.rlhf import checkpoint as ckpt
     from align.stages import ppo
+    from align.stages.ppo_checkpoint import check_resume_world
 
     param = torch.nn.Parameter(torch.zeros(2))
     ckpt.save_checkpoint(tmp_path, 2, trainable={"w": param.detach()}, optimizer=torch.optim.AdamW([param]),
                          state={}, rank=0, world=2, is_main=True, barrier=lambda: None, save_policy=None, keep=2)
     cfg = ppo.Config(output_dir=str(tmp_path), resume=True)
     with pytest.raises(ConfigError, match=r"written by 2 process\(es\); this run has 1"):
-        ppo.check_resume_world(cfg, 1)
-    ppo.check_resume_world(cfg, 2)  # the same count resumes
+        check_resume_world(cfg, 1)
+    check_resume_world(cfg, 2)  # the same count resumes
+    with pytest.raises(ConfigError, match=r"written under DDP / one process; this run is fsdp2"):
+        check_resume_world(cfg, 2, "fsdp2")  # accelerate's state of another layout does not load
     assert json.loads((tmp_path / "checkpoints" / "step-2" / "state.json").read_text())["world_size"] == 2
 
 
-def test_sharded_launches_are_refused() -> None:
+def test_sharded_launches_need_the_vllm_sampler_and_megatron_is_refused() -> None:
     from align.stages import ppo
+    from align.stages.ppo_checkpoint import check_sharding
 
-    for kind in ("FSDP", "DEEPSPEED"):
-        with pytest.raises(ConfigError, match=f"uses {kind}"):
-            ppo.check_distributed(kind)
-    for kind in ("NO", "MULTI_CPU", "MULTI_GPU"):
-        ppo.check_distributed(kind)
+    hf, vllm = ppo.Config(), ppo.Config(engine=dataclasses.replace(ppo.Config().engine, backend="vllm"))
+    for kind in ("fsdp1", "fsdp2", "zero3"):  # parameters sharded: generate() on shards would hang
+        with pytest.raises(ConfigError, match=f"ppo under {kind} .*engine.backend=vllm"):
+            check_sharding(hf, "FSDP", kind)
+        assert check_sharding(vllm, "FSDP", kind) == kind
+    assert check_sharding(hf, "DEEPSPEED", "zero2") == "zero2"  # whole parameters on every process
+    assert check_sharding(hf, "MULTI_CPU", "") == ""
+    with pytest.raises(ConfigError, match="MEGATRON_LM"):
+        check_sharding(vllm, "MEGATRON_LM", "")
 
 
 # ---- a failing process ends every process ----

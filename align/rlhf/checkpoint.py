@@ -4,7 +4,9 @@
 critic adapter), optimizer.safetensors + optimizer.json (the optimizer's tensors, and its plain numbers and param
 groups), rng-<rank>.json (python/numpy/torch RNG states of each process), state.json (step, KL controller, reward
 normaliser) and, for adapter methods, policy/ (the adapter alone, loadable with PEFT). Nothing is pickled, so a
-crafted checkpoint in a shared run folder cannot run code on `resume=true`.
+crafted checkpoint in a shared run folder cannot run code on `resume=true`. A sharded launch (FSDP, DeepSpeed ZeRO)
+keeps the model and optimizer state in accelerate/ instead, written by accelerate's `save_state` on every process
+(its files are torch/DeepSpeed checkpoints: accelerate reads its own with `weights_only=True`).
 Everything is written into a hidden temporary folder that is renamed into place only when complete, so a run
 killed mid-save leaves the previous checkpoint as the newest one; align-files.json records every file's size and
 sha256, so a checkpoint that rots afterwards is skipped on resume.
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 
 PREFIX = "step-"
+ACCELERATE_STATE = "accelerate"  # accelerate.save_state's folder in a checkpoint of a sharded launch
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -88,10 +91,13 @@ def load_optimizer(folder: Path) -> dict[str, Any]:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer: Any,
+def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer: Any | None,
                     state: dict[str, Any], rank: int, world: int, is_main: bool,
-                    barrier: Callable[[], None], save_policy: Callable[[Path], None] | None, keep: int) -> Path:
-    """Write checkpoint `step` (every process calls this; process 0 writes the shared files and renames)."""
+                    barrier: Callable[[], None], save_policy: Callable[[Path], None] | None, keep: int,
+                    save_state: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint `step` (every process calls this; process 0 writes the shared files and renames).
+    `save_state`: called on every process with the checkpoint's accelerate/ folder (sharded launches; then
+    `optimizer` is None: its state is in there)."""
     final = checkpoint_dir(run_dir) / f"{PREFIX}{step}"
     tmp = checkpoint_dir(run_dir) / f".tmp-{PREFIX}{step}"
     if is_main:
@@ -99,11 +105,14 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
         tmp.mkdir(parents=True)
     barrier()
     (tmp / f"rng-{rank}.json").write_text(json.dumps(rng_state()))
+    if save_state is not None:
+        save_state(tmp / ACCELERATE_STATE)
     if is_main:
         from safetensors.torch import save_file
 
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        save_optimizer(optimizer.state_dict(), tmp)
+        if optimizer is not None:
+            save_optimizer(optimizer.state_dict(), tmp)
         if save_policy is not None:
             save_policy(tmp / "policy")
         (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": world, **state}, indent=2))
@@ -122,12 +131,13 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
 
 
 def load_checkpoint(path: Path, rank: int) -> dict[str, Any]:
-    """{'trainable', 'optimizer', 'state', 'rng' (None when this rank saved none)} of a checkpoint folder."""
+    """{'trainable', 'optimizer' (None when accelerate/ holds it), 'state', 'rng' (None when this rank saved none)}
+    of a checkpoint folder."""
     from safetensors.torch import load_file
 
     rng_file = path / f"rng-{rank}.json"
     return {"trainable": load_file(str(path / "trainable.safetensors")),
-            "optimizer": load_optimizer(path),
+            "optimizer": load_optimizer(path) if (path / "optimizer.json").is_file() else None,
             "state": json.loads((path / "state.json").read_text()),
             "rng": json.loads(rng_file.read_text()) if rng_file.is_file() else None}
 

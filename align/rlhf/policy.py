@@ -73,7 +73,9 @@ def collate(samples: list[Sample], pad_id: int) -> Rollout:
 
 class ActorCritic(nn.Module):
     """The policy (a causal LM, usually a PEFT model) and its critic as ONE module, so that DDP/accelerate sees
-    every trained parameter. forward(rollout) -> (logits [B, R, V], values [B, R]) at the response positions."""
+    every trained parameter. forward(rollout) -> (logits [B, R, V], values [B, R]) at the response positions;
+    with reference=True: (the reference's logits with the adapter disabled, None), through the same wrapper, so a
+    sharded (FSDP) model gathers its parameters for that pass as for any other."""
 
     def __init__(self, policy: nn.Module, critic: nn.Module | None = None) -> None:
         super().__init__()
@@ -88,8 +90,13 @@ class ActorCritic(nn.Module):
             self.value_head = None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                response_width: int) -> tuple[Tensor, Tensor]:
+                response_width: int, reference: bool = False) -> tuple[Tensor, Tensor | None]:
         keep = response_width + 1  # positions P-1 .. P+R-1; the last one predicts nothing we scored
+        if reference:
+            with self.policy.disable_adapter():
+                out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  logits_to_keep=keep, use_cache=False)
+            return out.logits[:, :-1].float(), None
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           logits_to_keep=keep, output_hidden_states=self.critic is None, use_cache=False)
         logits = out.logits[:, :-1]
@@ -124,6 +131,7 @@ def reference_policy(policy: nn.Module, reference: nn.Module | None) -> Iterator
 def score_rollout(model: ActorCritic, reference: nn.Module | None, rollout: Rollout, *, chunk: int,
                   temperature: float = 1.0, first: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
     """Old log-probs, values, reference log-probs and entropy of a rollout, `chunk` rows per forward pass.
+    `model`: the ActorCritic, or the wrapper a sharded launch put around it (its forward, reference=True included).
 
     Logits are divided by the sampling temperature, so log-probs are those of the distribution sampled from.
     `first`: the (logits, values) of a training forward over the whole rollout under the unchanged policy
@@ -143,8 +151,10 @@ def score_rollout(model: ActorCritic, reference: nn.Module | None, rollout: Roll
             parts["logprobs"].append(logp.gather(-1, mb.response_ids.unsqueeze(-1)).squeeze(-1))
             parts["entropy"].append(entropy_from_logprobs(logp))
             parts["values"].append(values)
-            with reference_policy(model.policy, reference) as ref:
-                ref_logits = response_logits(ref, mb)
+            if reference is not None:
+                ref_logits = response_logits(reference, mb)
+            else:  # the adapter disabled, through the model's own forward (and a sharded model's gather)
+                ref_logits = model(mb.input_ids, mb.attention_mask, mb.position_ids, R, reference=True)[0]
             parts["ref_logprobs"].append(logprobs_from_logits(ref_logits / temperature, mb.response_ids))
     return {k: torch.cat(v) for k, v in parts.items()}
 
@@ -192,17 +202,20 @@ def weights_dtype(model: nn.Module) -> torch.dtype:
 @torch.no_grad()
 def sync_rollout_copy(clone: nn.Module, policy: nn.Module, method: str) -> None:
     """Write the policy's current weights into its rollout copy: every LoRA-adapted weight as W + ΔW, computed in
-    the training dtype from the untouched base (no merge/unmerge drift), or every weight for full fine-tuning."""
+    the training dtype from the untouched base (no merge/unmerge drift), or every weight for full fine-tuning.
+    Under FSDP / ZeRO-3 call it inside `align.rlhf.sharded.full_parameters`, on every process."""
     if method == "full":
         for target, source in zip(clone.parameters(), policy.parameters(), strict=True):
             target.copy_(source)
         return
     from peft.tuners.lora import LoraLayer
 
+    from align.rlhf.sharded import plain_name
+
     for name, module in policy.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:
             merged = module.get_base_layer().weight + module.get_delta_weight("default")
-            clone.get_submodule(name.removeprefix("base_model.model.")).weight.copy_(merged)
+            clone.get_submodule(plain_name(name).removeprefix("base_model.model.")).weight.copy_(merged)
 
 
 def response_logits(model: nn.Module, rollout: Rollout) -> Tensor:
