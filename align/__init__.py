@@ -11,6 +11,7 @@ from align import log as _log
 # Hub IDs resolve online, or from the local HF cache offline; the embedded default model needs no network.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _log.quiet_third_party()  # before bitsandbytes / transformers are imported: their import-time noise too
+_log.install(_log.level_from(quiet=False, verbose=False))  # align's status lines on stderr, as the CLI shows them
 
 __version__ = "0.1.0"
 

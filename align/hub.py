@@ -9,6 +9,7 @@ resolution is remembered here, so the run manifest can record the commit and the
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -45,6 +46,7 @@ class HubSource:
         return {**asdict(self), "sha256": self.sha256}
 
 
+log = logging.getLogger(__name__)
 _RESOLVED: dict[str, HubSource] = {}  # local path (model snapshot) or "hf:..." spec (dataset) -> its source
 
 
@@ -130,6 +132,40 @@ def resolve_hub_model(name: str) -> Path | None:
     if str(folder) not in _RESOLVED:  # a snapshot folder never changes: hash its files once per process
         remember(str(folder), HubSource(repo_id, "model", revision, folder.name, file_hashes(folder)))
     return folder
+
+
+def current_commit(repo_id: str, revision: str, repo_type: str = "model") -> str | None:
+    """The commit `revision` of a Hub repo points at now, without downloading anything: a commit hash is itself;
+    online, the Hub says; offline (or unreachable), the cache's refs/<revision>. None when nobody knows."""
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    if not offline():
+        from huggingface_hub import HfApi
+
+        try:
+            return HfApi().repo_info(repo_id, revision=revision, repo_type=repo_type).sha
+        except Exception as e:  # noqa: BLE001 - unknown repo, no network (each client raises its own): ask the cache
+            log.debug("%s %s@%s: the Hub did not answer (%s); reading the cache's refs", repo_type, repo_id, revision,
+                      type(e).__name__)
+    ref = hub_cache() / f"{repo_type}s--{repo_id.replace('/', '--')}" / "refs" / revision
+    return ref.read_text().strip() if ref.is_file() else None
+
+
+def hub_revision(value: str) -> tuple[str, str, str] | None:
+    """(repo_type, repo_id, revision) of a model ID (org/name[@revision]) or a Hub dataset spec
+    (hf:org/name[:config][@split], revision main) that is not a local path; None for anything else."""
+    if Path(value).exists():
+        return None
+    if value.startswith("hf:"):
+        from align.data.hub import parse_spec
+
+        try:
+            repo = parse_spec(value)[0]
+        except AlignError:
+            return None
+        return None if Path(repo).expanduser().exists() else ("dataset", repo, "main")
+    parsed = parse_model_id(value)
+    return ("model", *parsed) if parsed else None
 
 
 def remember(key: str, source: HubSource) -> None:

@@ -12,7 +12,10 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
+T = TypeVar("T")
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 DATEFMT = "%H:%M:%S"
 # Loggers whose warnings name nothing a user can change: bitsandbytes' optional CPU kernel download (every command
@@ -25,6 +28,22 @@ NOISY_WARNINGS = (("ignore", FutureWarning, r"(transformers|trl|peft|accelerate|
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (as logging's last-resort handler does), so a
+    redirected or captured stderr (pytest's capsys, a notebook) gets the lines, not the stream of the first call."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 class MainProcessOnly(logging.Filter):
@@ -46,17 +65,23 @@ def level_from(quiet: bool, verbose: bool) -> int:
 def configure(*, quiet: bool = False, verbose: bool = False) -> None:
     """The `align` loggers write to stderr in one format at the chosen level (quiet: warnings and errors; verbose:
     debug, and third-party warnings back on)."""
+    install(level_from(quiet, verbose))
+    quiet_third_party(verbose=verbose)
+
+
+def install(level: int) -> None:
+    """The `align` logger at `level` with its one stderr handler (added once). `import align` installs it at the
+    default level, so a stage run from Python (or a test) shows its status lines as the CLI does."""
     logger = logging.getLogger("align")
-    logger.setLevel(level_from(quiet, verbose))
+    logger.setLevel(level)
     if not any(getattr(h, "_align", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = StderrHandler()
         multi = os.environ.get("WORLD_SIZE", "1") not in ("", "1")  # name the rank when several print
         handler.setFormatter(logging.Formatter(f"[rank {rank()}] {FORMAT}" if multi else FORMAT, DATEFMT))
         handler.addFilter(MainProcessOnly())
         handler._align = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.propagate = False
-    quiet_third_party(verbose=verbose)
 
 
 def quiet_third_party(verbose: bool = False) -> None:
@@ -70,6 +95,23 @@ def quiet_third_party(verbose: bool = False) -> None:
         warnings.filterwarnings(action, category=category, module=module)
 
 
+def show_progress(*, tty: bool, ci: str, level: int, rank: int) -> bool:
+    """Whether to draw progress bars: on a terminal only (none in log files), none in CI logs (CI set to anything
+    but '', 0 or false), none under --quiet (align's level above INFO), and on the main process only."""
+    in_ci = ci.strip().lower() not in ("", "0", "false")
+    return tty and not in_ci and level <= logging.INFO and rank == 0
+
+
 def progress_enabled() -> bool:
-    """Progress bars only on a terminal: none in CI logs or files (CI=true or stderr not a TTY)."""
-    return sys.stderr.isatty() and os.environ.get("CI", "").lower() not in ("1", "true")
+    """`show_progress` for this process: stderr, the CI variable, the level `configure` set, the rank."""
+    return show_progress(tty=sys.stderr.isatty(), ci=os.environ.get("CI", ""),
+                         level=logging.getLogger("align").level, rank=rank())
+
+
+def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it") -> Iterable[T]:
+    """`iterable` with a tqdm bar on stderr when `progress_enabled()`, else unchanged (no bar, no tqdm output)."""
+    if not progress_enabled():
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)

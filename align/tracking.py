@@ -65,7 +65,7 @@ def flat_params(config: Any, prefix: str = "") -> dict[str, str]:
 class Backend(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
 
 
 class TensorBoardBackend:
@@ -79,7 +79,7 @@ class TensorBoardBackend:
             self.writer.add_scalar(k, v, step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -111,8 +111,8 @@ class MLflowBackend:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 class WandbBackend:
@@ -128,8 +128,8 @@ class WandbBackend:
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 BACKENDS: dict[str, type] = {"tensorboard": TensorBoardBackend, "mlflow": MLflowBackend, "wandb": WandbBackend}
@@ -171,16 +171,17 @@ class Tracker:
             for backend in self.backends:
                 backend.log(values, self.step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """End every tracker run (`failed`: marked so, where the tracker has the notion: MLflow, W&B)."""
         for backend in self.backends:
-            backend.close()
+            backend.close(failed)
         self.backends = []
 
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(failed=exc_type is not None)  # an error or an interrupt inside the block
 
 
 def trainer_callback(run_dir: Path, report_to: list[str]) -> Any:

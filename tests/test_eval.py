@@ -226,3 +226,45 @@ def test_a_stacked_adapter_is_measured_against_sft_not_its_own_base(
     cells = [(json.loads(x)["sampling_seed"], json.loads(x)["prompt_index"])
              for x in (Path(cfg.output_dir) / "samples.jsonl").read_text().splitlines()[:4]]
     assert cells == [(5, 0), (5, 1), (6, 0), (6, 1)]
+
+
+def test_system_prompt_reaches_every_rendered_prompt(tmp_path: Path, prompts: Path, models: dict[str, Path],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoTokenizer
+
+    sampled: list = []  # every Sample eval draws, with the token ids the model was given
+    real = eval_stage.sample_all
+
+    def recording(*args: object) -> list:
+        got = real(*args)
+        sampled.extend(got)
+        return got
+
+    monkeypatch.setattr(eval_stage, "sample_all", recording)
+    cfg = config(tmp_path, prompts, models, f"policies=[{models['zero']}]", "reward_model=",
+                 "sampling.max_new_tokens=2", "system_prompt=Answer like a pirate.")
+    out = eval_stage.run(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(models["sft"])
+    assert len(sampled) == 2 * N_PROMPTS  # sft and zero, every prompt once
+    assert all("Answer like a pirate." in tokenizer.decode(s.prompt_ids) for s in sampled)
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert all(r["prompt"][0] == {"role": "system", "content": "Answer like a pirate."} for r in rows)
+
+
+def test_sampling_batch_by_batch_gives_the_samples_of_one_call(models: dict[str, Path]) -> None:
+    """eval samples one batch at a time (for its progress bar) with the seed the sampler gives a batch at that
+    offset: the samples are exactly those of one call over every prompt."""
+    import dataclasses
+
+    from align.generation.hf import HFSampler
+    from align.models.load import load_model, load_tokenizer
+
+    model, tokenizer = load_model(models["sft"], dtype="float32"), load_tokenizer(models["sft"])
+    prompts = [[{"role": "user", "content": f"Tip {i} for storing herbs?"}] for i in range(5)]
+    cfg = dataclasses.replace(eval_stage.Config(), sampling=dataclasses.replace(
+        eval_stage.Config().sampling, batch_size=2, max_new_tokens=6), sampling_seeds=[3, 8])
+    whole = [g[0] for seed in (3, 8) for g in HFSampler(model, tokenizer).generate(
+        prompts, dataclasses.replace(cfg.sampling, seed=seed), n=1)]
+    got = eval_stage.sample_all(model, tokenizer, prompts, cfg)
+    assert [s.response_ids for s in got] == [s.response_ids for s in whole]
+    assert len({tuple(s.response_ids) for s in got}) > 1  # sampled, not one repeated answer

@@ -189,3 +189,21 @@ def test_unknown_dataset_split_and_id_are_one_line(cached_dataset):
         with pytest.raises(DataError, match=needle) as e:
             read_preferences(spec)
         assert "\n" not in str(e.value)
+
+
+def test_fingerprints_follow_the_commit_a_hub_id_points_at(tiny_model, cached_dataset, offline_home, tmp_path):
+    """A pipeline step that names a Hub model or dataset is fingerprinted by the commit its revision resolves to:
+    a new revision (here: refs/main moved in the user's cache) re-runs the step; a pinned commit does not move."""
+    from align.runs import fingerprint
+
+    cache_repo(offline_home, "model", "tiny-org/tiny-llama", tiny_model)
+    config = {"model": "tiny-org/tiny-llama", "data": {"train": "hf:toy-org/toy-prefs:chat@train"}}
+    pinned = {"model": f"tiny-org/tiny-llama@{COMMIT}"}
+    before, before_pinned = fingerprint("sft", config), fingerprint("sft", pinned)
+    assert fingerprint("sft", config) == before
+    newer = "f" * 40
+    cache_repo(offline_home, "model", "tiny-org/tiny-llama", tiny_model, commit=newer)
+    after_model = fingerprint("sft", config)
+    assert after_model != before and fingerprint("sft", pinned) == before_pinned
+    cache_repo(offline_home, "dataset", "toy-org/toy-prefs", dataset_files(tmp_path / "v2"), commit=newer)
+    assert fingerprint("sft", config) not in (before, after_model)

@@ -335,5 +335,7 @@ def test_the_cli_reports_an_unreachable_endpoint_in_one_line_and_marks_the_run_f
     code = main(["judge", str(ROOT / "stages/tiny/judge.yaml"), f"samples={samples_file(tmp_path)}",
                  f"output_dir={tmp_path / 'run'}", f"judge={spec}"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and f"cannot connect to {url}" in err[0]
+    # status lines are logged to stderr too: the error is the last line, one line, no traceback
+    assert code == 2 and err[-1].startswith("align judge: error") and f"cannot connect to {url}" in err[-1]
+    assert not any("Traceback" in line for line in err)
     assert read_manifest(tmp_path / "run")["status"] == "failed"

@@ -48,3 +48,24 @@ def test_import_time_noise_of_bitsandbytes_is_filtered():
                          check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.strip()) == logging.ERROR and "kernels-community" not in out.stderr
+
+
+def test_progress_bars_only_on_a_terminal_outside_ci_unquiet_main_process():
+    from align.log import show_progress
+
+    ok = {"tty": True, "ci": "", "level": logging.INFO, "rank": 0}
+    assert show_progress(**ok) and show_progress(**ok | {"ci": "false"}) and show_progress(**ok | {"level": 0})
+    assert not show_progress(**ok | {"tty": False})  # piped to a file
+    assert not show_progress(**ok | {"ci": "true"}) and not show_progress(**ok | {"ci": "1"})
+    assert not show_progress(**ok | {"level": logging.WARNING})  # --quiet
+    assert not show_progress(**ok | {"rank": 1})
+
+
+def test_progress_is_the_iterable_itself_when_disabled(monkeypatch):
+    from align import log
+
+    monkeypatch.setattr(log, "progress_enabled", lambda: False)
+    items = [1, 2, 3]
+    assert log.progress(items, total=3, desc="x") is items
+    monkeypatch.setattr(log, "progress_enabled", lambda: True)
+    assert list(log.progress(items, total=3, desc="x")) == items

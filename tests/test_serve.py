@@ -479,7 +479,8 @@ def test_bearer_key_from_the_environment(monkeypatch: pytest.MonkeyPatch, capsys
         assert httpx.post(chat, json=HI, headers=good).status_code == 200
         assert httpx.get(f"{url}/v1/models", headers=good).json()["data"][0]["id"] == "served"
         assert len(service.sampler.calls) == 1
-    assert SECRET not in capsys.readouterr().out
+    printed = capsys.readouterr()  # the access log is on stderr (align.log), the banner on stdout
+    assert SECRET not in printed.out and SECRET not in printed.err
 
 
 def test_network_hosts_need_a_key_unless_explicitly_allowed(monkeypatch: pytest.MonkeyPatch) -> None:

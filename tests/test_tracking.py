@@ -139,3 +139,27 @@ def test_wandb_offline_run_folder_has_the_metrics(tmp_path, monkeypatch):
     rows = wandb_history(run_file)
     assert [(r["_step"], r["reward/mean"]) for r in rows] == [(1, 0.25), (2, 0.75)]
     assert rows[1]["train/loss"] == 1.5 and "train/loss" not in rows[0]
+
+
+def no_preference(prompt: list, response: str) -> float:
+    """A judge that scores every response the same: every pair ties, so no round trains."""
+    return 0.0
+
+
+def test_online_rounds_report_round_metrics_and_close_on_failure(mlflow_store, tiny_model, tmp_path, one_thread):
+    from align.config import load_config
+    from align.errors import AlignError
+    from align.stages import online
+
+    cfg = load_config(online.Config, REPO / "stages/tiny/online.yaml", [
+        f"policy={tiny_model}", f"output_dir={tmp_path / 'online'}", "rounds=1", "prompts_per_round=2", "k=2",
+        "sampling.max_new_tokens=2", "judge.options.function=test_tracking:no_preference",
+        "train.report_to=[mlflow]"])
+    with pytest.raises(AlignError, match="no round produced a preference pair"):
+        online.run(cfg)
+    run = only_run(mlflow_store)  # the failed run's tracker run was closed, and marked failed
+    assert run.info.status == "FAILED" and run.data.tags["align.stage"] == "online"
+    assert run.data.params["rounds"] == "1"
+    history = mlflow_store.get_metric_history(run.info.run_id, "round/ai_pairs")
+    assert [(m.step, m.value) for m in history] == [(1, 0.0)]
+    assert [m.value for m in mlflow_store.get_metric_history(run.info.run_id, "round/trained")] == [0.0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,8 @@ from align.models.load import (
     pick_dtype,
     resolve_model,
 )
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "hf", "vllm")
 
@@ -61,7 +64,7 @@ def build_sampler(model: str | Path, settings: BackendSettings = BackendSettings
     if verbose:
         why = " (auto: vllm + CUDA found)" if settings.backend == "auto" and backend == "vllm" else (
             " (auto: no vllm or no GPU)" if settings.backend == "auto" else "")
-        print(f"generation backend: {backend}{why}; model {path}", flush=True)
+        log.info(f"generation backend: {backend}{why}; model {path}")
     tokenizer = load_tokenizer(path, settings.trust_remote_code)
     if backend == "vllm":
         base, adapter = servable(path, serve_dtype(settings.dtype), settings.trust_remote_code)
@@ -150,8 +153,8 @@ def merged_model(adapter: Path, dtype: str, trust_remote_code: bool = False) -> 
     target = cache_root() / "merged" / f"{Path(adapter).name}-{dtype}-{key}"
     if (target / "config.json").is_file():
         return target
-    print(f"vllm: merging the adapter chain {' -> '.join(str(a) for a in reversed(chain))} into {target} "
-          f"({dtype})", flush=True)
+    log.info(f"vllm: merging the adapter chain {' -> '.join(str(a) for a in reversed(chain))} into {target} "
+             f"({dtype})")
     model = load_model(Path(adapter), dtype="float32", merge=True, trust_remote_code=trust_remote_code)
     model = model.to(getattr(torch, dtype))
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")

@@ -14,6 +14,7 @@ generate wakes it; `close()` shuts it down and frees its memory (between pipelin
 from __future__ import annotations
 
 import json
+import logging
 import weakref
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from align.data.records import Message
 from align.errors import ConfigError, DataError, ModelError
 from align.generation import Sample, SamplingSettings
 from align.generation.hf import chat_prompt_ids
+
+log = logging.getLogger(__name__)
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # max_lora_rank values every vLLM in range accepts
 DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -141,8 +144,7 @@ class VLLMSampler:
         limit = model_max_len(base)
         self.max_model_len = min(max_model_len, limit) if limit else max_model_len
         if self.max_model_len < max_model_len:
-            print(f"vllm: max_model_len {max_model_len} -> {self.max_model_len} (the model's context length)",
-                  flush=True)
+            log.info(f"vllm: max_model_len {max_model_len} -> {self.max_model_len} (the model's context length)")
         self.llm = LLM(model=str(base), tokenizer=str(base), tensor_parallel_size=tensor_parallel_size,
                        dtype=DTYPES[dtype], gpu_memory_utilization=gpu_memory_utilization,
                        max_model_len=self.max_model_len, trust_remote_code=trust_remote_code, **engine_kwargs)

@@ -4,8 +4,8 @@ that sample only (the stage counts it and writes it to failures.jsonl)."""
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,6 +13,8 @@ from align.config import opt
 from align.data.records import Message
 from align.errors import ConfigError
 from align.plugins import import_object
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,6 @@ class RulesJudge:
             except Exception as e:  # noqa: BLE001 - a user rule's bug fails one sample, not the run
                 self.errors += 1
                 if self.errors <= 3:
-                    print(f"rules judge: {self.name} raised {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                    log.warning(f"rules judge: {self.name} raised {type(e).__name__}: {e}")
                 out.append(None)
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Any
 import torch
 
 from align.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,7 +45,7 @@ def default_model_dir() -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = _gguf_folder()
-    print(f"Converting {GGUF_FILE} to a safetensors cache in {target} (once)...", flush=True)
+    log.info(f"Converting {GGUF_FILE} to a safetensors cache in {target} (once)...")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
     # The GGUF-loaded model refuses save_pretrained: copy its weights into a model built from the config.
@@ -201,15 +204,43 @@ def cpu_bf16_is_faster(use: str = "train") -> bool:
             path.write_text(json.dumps(known, indent=2))
         except OSError:
             pass  # a read-only cache only costs the probe again next time
-        print(f"dtype=auto ({use}): measured on this CPU: fp32 {fp32 * 1000:.0f} ms, bf16 {bf16 * 1000:.0f} ms -> "
-              f"{'bfloat16' if bf16 < fp32 else 'float32'}", flush=True)
+        log.info(f"dtype=auto ({use}): measured on this CPU: fp32 {fp32 * 1000:.0f} ms, bf16 {bf16 * 1000:.0f} ms -> "
+                 f"{'bfloat16' if bf16 < fp32 else 'float32'}")
     return bool(known[key]["bf16_faster"])
 
 
+def base_reference(adapter_dir: Path, base: Path) -> tuple[str, str | None]:
+    """(base_model_name_or_path, revision) an adapter records for the model it was trained on, so that run folders
+    can move: a model resolved from the Hub by its ID and commit; a model an align run wrote (a folder with
+    manifest.json holds it) under the same tree as the adapter by its path relative to the adapter folder
+    (runs/sft/model seen from runs/dpo/model: ../../sft/model); any other folder by its absolute path. `base_of_adapter` reads all three back."""
+    from align.hub import model_source
+
+    source = model_source(base)
+    if source is not None:
+        return source.id, source.commit
+    base, adapter = Path(base).resolve(), Path(adapter_dir).resolve()
+    common = Path(os.path.commonpath([base, adapter]))
+    in_a_run = any((folder / "manifest.json").is_file() for folder in [base, *base.parents]
+                   if folder.is_relative_to(common))
+    if in_a_run and common != Path(common.anchor):
+        return os.path.relpath(base, adapter), None
+    return str(base), None
+
+
 def base_of_adapter(adapter_dir: Path) -> Path:
-    base = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    """The model folder an adapter was trained on (the one home of this answer; see `base_reference`): a path
+    relative to the adapter folder, a Hub ID at its recorded commit, or an absolute path."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    base, revision = config.get("base_model_name_or_path"), config.get("revision")
     if not base:
         raise ModelError(f"{adapter_dir}/adapter_config.json names no base model")
+    if not Path(base).is_absolute() and (Path(adapter_dir) / base).exists():
+        return resolve_model((Path(adapter_dir) / base).resolve())
+    from align.hub import parse_model_id
+
+    if revision and "@" not in base and parse_model_id(base) is not None and not Path(base).exists():
+        return resolve_model(f"{base}@{revision}")  # the commit it was trained on, not today's main
     return resolve_model(base)
 
 

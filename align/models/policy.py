@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from align.errors import ConfigError
-from align.models.load import QUANTIZED_BASE, base_of_adapter, load_model, load_tokenizer, resolve_model
+from align.models.load import (
+    QUANTIZED_BASE,
+    base_of_adapter,
+    base_reference,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
 from align.models.peft import PeftSettings, attach_peft, check_experts, expert_weights
 
 Stage = Literal["sft", "reward", "dpo", "ppo", "grpo", "rloo", "online"]
@@ -175,9 +182,10 @@ def load_xlora(path: Path, dtype: str, trust_remote_code: bool) -> Any:
 
 
 def point_adapter_at(adapter_dir: Path, base: Path) -> None:
-    """Record the absolute path of the model an adapter was trained on (itself possibly an adapter, which
-    `load_model` merges first) in adapter_config.json."""
+    """Record the model an adapter was trained on (itself possibly an adapter, which `load_model` merges first) in
+    adapter_config.json, portably: a Hub ID and commit, a path relative to the adapter, or an absolute path
+    (`base_reference`)."""
     path = Path(adapter_dir) / "adapter_config.json"
     data = json.loads(path.read_text())
-    data["base_model_name_or_path"] = str(Path(base).resolve())
+    data["base_model_name_or_path"], data["revision"] = base_reference(adapter_dir, base)
     path.write_text(json.dumps(data, indent=2))

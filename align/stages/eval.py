@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +33,16 @@ from typing import Any
 
 import torch
 
+from align.chat import SYSTEM_PROMPT_HELP, with_system_prompt
 from align.config import DTYPE_HELP, Dtype, opt, to_dict
 from align.data.records import Message, PromptRecord, read_prompts, write_jsonl
 from align.errors import AlignError, ConfigError, DataError
 from align.generation import Sample, SamplingSettings
+from align.log import progress
 from align.runs import atomic_write_json, resolve_input, start_run
 from align.stats import Outcome, WinRate, count_outcomes, length_controlled_win_rate, score_outcome
+
+log = logging.getLogger(__name__)
 
 DEFAULT_JUDGE = "align.judges.house_style:house_style_score"
 
@@ -51,6 +56,7 @@ class Config:
     reward_model: str = opt("runs/pipeline/reward", "reward run folder for mean scores ('' to skip)")
     prompts: str = opt("data/prompts/eval.jsonl", "held-out prompt-only JSONL (no stage trained on these)")
     max_prompts: int = opt(0, "use only the first N prompts (0: all)", ge=0)
+    system_prompt: str = opt("", SYSTEM_PROMPT_HELP)
     judge: str = opt(DEFAULT_JUDGE, "win-rate judge: a judge spec YAML (judges/*.yaml), a rules function "
                                     "`module:function`, or a judge class `module:Class`")
     training_judges: list[str] = opt([], "judge specs that produced AI training labels (the pipeline fills "
@@ -132,13 +138,20 @@ def adapter_chain(path: Path) -> list[Path]:
     return chain
 
 
-def sample_all(model: Any, tokenizer: Any, prompts: list[list[Message]], cfg: Config) -> list[Sample]:
-    """One response per prompt for each sampling seed: [seed 1's prompts..., seed 2's prompts..., ...]."""
+def sample_all(model: Any, tokenizer: Any, prompts: list[list[Message]], cfg: Config, name: str = "") -> list[Sample]:
+    """One response per prompt for each sampling seed: [seed 1's prompts..., seed 2's prompts..., ...]. Asked one
+    batch at a time (for the progress bar) with the seed the sampler gives a batch at that offset (`seed + start`),
+    so the samples are those of one call over all prompts."""
     from align.generation.hf import HFSampler
 
     sampler = HFSampler(model, tokenizer)
-    return [group[0] for seed in seeds_of(cfg)
-            for group in sampler.generate(prompts, dataclasses.replace(cfg.sampling, seed=seed), n=1)]
+    size = cfg.sampling.batch_size
+    batches = [(seed, start) for seed in seeds_of(cfg) for start in range(0, len(prompts), size)]
+    out: list[Sample] = []
+    for seed, start in progress(batches, total=len(batches), desc=f"eval: sampling {name}".strip(), unit="batch"):
+        params = dataclasses.replace(cfg.sampling, seed=seed + start)
+        out += [group[0] for group in sampler.generate(prompts[start:start + size], params, n=1)]
+    return out
 
 
 def seeds_of(cfg: Config) -> list[int]:
@@ -152,14 +165,14 @@ def evaluate_policy(name: str, path: Path, prompts: list[list[Message]], cfg: Co
     torch.manual_seed(cfg.seed)
     itself = Path(path).resolve() == ref.path.resolve()
     model, tokenizer = (ref.model, ref.tokenizer) if itself else load_policy(path, cfg.dtype, cfg.trust_remote_code)
-    print(f"eval: sampling {len(prompts) * len(seeds_of(cfg))} responses from {name} ({path})", flush=True)
-    samples = sample_all(model, tokenizer, prompts, cfg)
+    log.info(f"eval: sampling {len(prompts) * len(seeds_of(cfg))} responses from {name} ({path})")
+    samples = sample_all(model, tokenizer, prompts, cfg, name)
     if itself:
         kl = [math.nan] * len(samples)
     else:
         kl = exact_sequence_kl(model, ref.model, samples, tokenizer.pad_token_id)
         if ref.path.resolve() not in {p.resolve() for p in adapter_chain(path)}:
-            print(f"eval: note: {name} was not trained from {ref.name}; its KL is still measured to it", flush=True)
+            log.info(f"eval: note: {name} was not trained from {ref.name}; its KL is still measured to it")
     del model
     gc.collect()
     return PolicyResult(name=name, path=path, reference="itself" if itself else ref.name, samples=samples,
@@ -186,7 +199,7 @@ def exact_sequence_kl(policy: Any, reference: Any, samples: list[Sample], pad_id
     from align.rlhf.policy import collate, model_device, response_logits
 
     out: list[float] = []
-    for start in range(0, len(samples), chunk):
+    for start in progress(range(0, len(samples), chunk), desc="eval: KL", unit="batch"):
         batch = collate(samples[start:start + chunk], pad_id).to(model_device(policy))
         kl = token_kl(response_logits(policy, batch), response_logits(reference, batch.to(model_device(reference))))
         out += (kl * batch.response_mask).sum(-1).tolist()
@@ -360,7 +373,8 @@ def run(cfg: Config) -> Path:
     if not cfg.policies:
         raise ConfigError("policies is empty; list the aligned run folders to compare with sft, e.g. "
                           "policies=[runs/ppo,runs/dpo]")
-    records = read_prompts(cfg.prompts)[: cfg.max_prompts or None]
+    records = [dataclasses.replace(r, prompt=with_system_prompt(r.prompt, cfg.system_prompt))
+               for r in read_prompts(cfg.prompts)[: cfg.max_prompts or None]]
     if not records:
         raise DataError(f"{cfg.prompts}: no prompts to evaluate on")
     names = policy_names(cfg)

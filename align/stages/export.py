@@ -45,10 +45,11 @@ def portable_base(adapter: Path, given: str) -> tuple[str, str | None]:
     """(base_model_name_or_path, revision) an exported adapter names: `given`, else the Hub ID (and commit) of the
     base it was trained on. A base that is only a local folder is refused: others could not load it."""
     from align.hub import model_source
+    from align.models.load import base_of_adapter
 
     if given:
         return given, None
-    recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    recorded = base_of_adapter(adapter)
     source = model_source(recorded)
     if source is None:
         raise ConfigError(f"{adapter} was trained on {recorded}, which is not a Hub model, so the adapter alone "

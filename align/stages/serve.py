@@ -21,6 +21,7 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import logging
 import math
 import os
 import socket
@@ -37,6 +38,8 @@ from align.config import DTYPE_HELP, Dtype, opt
 from align.data.records import Message, check_messages
 from align.errors import ConfigError, DataError, ModelError
 from align.generation import Sampler, SamplingSettings
+
+log = logging.getLogger(__name__)
 
 MAX_SEED = 2**63 - 1
 GREEDY_BELOW = 1e-5  # a smaller temperature overflows the logits; decode greedily instead (as vLLM does)
@@ -294,7 +297,7 @@ def make_handler(service: ChatService) -> type[BaseHTTPRequestHandler]:
         unread_body = False  # the last request was answered before its body was read
 
         def log_message(self, fmt: str, *args: Any) -> None:  # one short line per request, not the default noise
-            print(f"{self.address_string()} {fmt % args}", flush=True)
+            log.info(f"{self.address_string()} {fmt % args}")
 
         def handle(self) -> None:
             if not connections.acquire(blocking=False):
@@ -436,7 +439,7 @@ def run(cfg: Config) -> Path | None:
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("stopping", flush=True)
+        log.info("stopping")
     finally:
         server.server_close()
     return None

@@ -6,6 +6,7 @@ Loss is on assistant tokens only by default: we tokenize each conversation with 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +39,8 @@ from align.training import (
     total_steps,
     trainer_kwargs,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -155,8 +158,8 @@ def run(cfg: Config) -> Path:
                          total_steps=total_steps(len(train_ds), cfg.train))
     model, trained_what = policy.model, policy.trained
     trainable, total = count_parameters(model)
-    print(f"peft.method={cfg.peft.method}: training {trained_what} — {trainable:,} of {total:,} parameters "
-          f"({100 * trainable / total:.3f}%)", flush=True)
+    log.info(f"peft.method={cfg.peft.method}: training {trained_what} — {trainable:,} of {total:,} parameters "
+             f"({100 * trainable / total:.3f}%)")
 
     free = use_padding_free(cfg, model, train_ds)
     # Lengths were checked above (data.max_length); padding-free batches are not truncated again by TRL.
@@ -203,7 +206,7 @@ def use_padding_free(cfg: Config, model: Any, dataset: Any) -> bool:
     if not why and not padding_free_matches(model, [dataset[i] for i in range(min(3, len(dataset)))]):
         why = "this model's attention ignores sequence boundaries in a packed row"
     if why:
-        print(f"sft: padded batches ({why}); data.padding_free=false silences this", flush=True)
+        log.info(f"sft: padded batches ({why}); data.padding_free=false silences this")
     return not why
 
 

@@ -19,6 +19,7 @@ import _thread
 import dataclasses
 import importlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -45,6 +46,8 @@ from align.runs import (
     now,
     read_manifest,
 )
+
+log = logging.getLogger(__name__)
 
 KINDS = ("log_uniform", "uniform", "int", "choice")
 
@@ -281,8 +284,9 @@ class TrialStopped(KeyboardInterrupt):
 
 class PruneWatcher:
     """Reads a running trial's TensorBoard scalar `tag` every `poll_s`, reports new points to Optuna, and stops
-    the trial when the pruner says so: it schedules SIGUSR1's handler in the main thread (no signal is sent), which
-    raises TrialStopped there. SIGINT/SIGTERM stay the user's (a run's own stop handling)."""
+    the trial when the pruner says so: it schedules SIGUSR2's handler in the main thread (no signal is sent), which
+    raises TrialStopped there. SIGINT/SIGTERM/SIGUSR1 stay the user's and the scheduler's (a run's own stop
+    handling: SIGUSR1 is SLURM's preemption notice)."""
 
     def __init__(self, trial: Any, tb_dir: Path, tag: str, poll_s: float) -> None:
         self.trial, self.tb_dir, self.tag, self.poll_s = trial, tb_dir, tag, poll_s
@@ -292,7 +296,7 @@ class PruneWatcher:
         self._thread = threading.Thread(target=self._loop, daemon=True, name="sweep-prune-watcher")
 
     def __enter__(self) -> PruneWatcher:  # noqa: PYI034
-        self._previous = signal.signal(signal.SIGUSR1, self._stop_trial)
+        self._previous = signal.signal(signal.SIGUSR2, self._stop_trial)
         self._thread.start()
         return self
 
@@ -310,12 +314,12 @@ class PruneWatcher:
                     time.sleep(0.001)
                 raise TrialStopped(f"pruned at step {self.pruned_at}")
         finally:
-            signal.signal(signal.SIGUSR1, self._previous)
+            signal.signal(signal.SIGUSR2, self._previous)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):
             if self.check():
-                _thread.interrupt_main(signal.SIGUSR1)
+                _thread.interrupt_main(signal.SIGUSR2)
                 return
 
     def check(self) -> bool:
@@ -371,8 +375,7 @@ def make_objective(cfg: Config, plan: Plan, root: Path, cache: dict[Any, str]) -
                 "status") == "completed":
             trial.set_user_attr("dir", previous[1].user_attrs["dir"])
             trial.set_user_attr("reused_from", previous[1].number)
-            print(f"sweep: trial {trial.number}: same config as trial {previous[1].number}; its result is reused",
-                  flush=True)
+            log.info(f"sweep: trial {trial.number}: same config as trial {previous[1].number}; its result is reused")
             return objective_value(root / previous[1].user_attrs["dir"], cfg.objective)
         if previous and (root / previous[1].user_attrs["dir"]).is_dir():
             folder = root / previous[1].user_attrs["dir"]  # a killed trial: continue its run in its folder
@@ -381,7 +384,7 @@ def make_objective(cfg: Config, plan: Plan, root: Path, cache: dict[Any, str]) -
         trial.set_user_attr("dir", folder.name)
         config = trial_config(plan, values, folder, cfg.seed, extra)
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-        print(f"sweep: trial {trial.number} -> {folder} ({shown})", flush=True)
+        log.info(f"sweep: trial {trial.number} -> {folder} ({shown})")
         t0 = time.perf_counter()
         watcher = (PruneWatcher(trial, (folder / cfg.objective.run if cfg.objective.run else folder) / "tb",
                                 cfg.pruning.metric, cfg.pruning.poll_s) if cfg.pruning.pruner != "none" else None)
@@ -507,8 +510,8 @@ def run(cfg: Config) -> Path:
         study = open_study(cfg, plan)
         remaining = cfg.trials - finished(study)
         if remaining > 0:
-            print(f"sweep: {finished(study)} of {cfg.trials} trials finished; running up to {remaining} more "
-                  f"({cfg.sampler} sampler, study {study.study_name} in {storage_url(cfg)})", flush=True)
+            log.info(f"sweep: {finished(study)} of {cfg.trials} trials finished; running up to {remaining} more "
+                     f"({cfg.sampler} sampler, study {study.study_name} in {storage_url(cfg)})")
             stop = optuna.study.MaxTrialsCallback(cfg.trials, states=(optuna.trial.TrialState.COMPLETE,
                                                                        optuna.trial.TrialState.PRUNED))
             objective = make_objective(cfg, plan, root, {})
