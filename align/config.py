@@ -257,8 +257,11 @@ def load_config(cls: type[T], path: Path | None = None, overrides: list[str] | t
             raise ConfigError(f"config file {path} not found")
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8-sig"))  # a BOM (Windows editors) is not a key
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        except yaml.YAMLError as e:  # one line: where, and what PyYAML found (not its multi-line excerpt)
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{where}: not valid YAML ({problem}); fix the recipe at that line") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the recipe must be a mapping of keys, got {type(loaded).__name__}")
         data = loaded or {}

@@ -15,3 +15,7 @@ class DataError(AlignError):
 
 class ModelError(AlignError):
     """A model that cannot be found or loaded."""
+
+
+class TrainingError(AlignError):
+    """Training that cannot go on as configured (a loss or gradient that stopped being finite)."""

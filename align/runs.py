@@ -5,10 +5,12 @@ Stages hand off through files only: a later stage finds an earlier one's artifac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -16,15 +18,19 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from align.config import to_dict
 from align.errors import AlignError, DataError
 
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "align")
 
 
@@ -239,8 +245,8 @@ class Run:
             self.write_manifest("interrupted")
         finally:
             _forget(self)
-        print(f"{self.stage}: stopped by {signal_name}{detail}; the run in {self.dir} is marked interrupted. "
-              f"To continue: {resume_command(self.stage, self.dir)}", file=sys.stderr, flush=True)
+        log.warning(f"{self.stage}: stopped by {signal_name}{detail}; the run in {self.dir} is marked interrupted. "
+                    f"To continue: {resume_command(self.stage, self.dir)}{requeue_hint(signal_name)}")
 
     def _put_previous_back(self) -> None:
         if self.previous is not None and self.previous.is_dir():
@@ -250,8 +256,7 @@ class Run:
             if not failed.exists():
                 os.replace(self.dir, failed)
                 os.replace(self.previous, self.dir)
-                print(f"{self.stage}: the previous run in {self.dir} was kept; the failed attempt is in {failed}",
-                      flush=True)
+                log.warning(f"{self.stage}: the previous run in {self.dir} was kept; the failed attempt is in {failed}")
 
 
 _ACTIVE: list[Run] = []
@@ -262,8 +267,7 @@ def _forget(run: Run) -> None:
     if run in _ACTIVE:
         _ACTIVE.remove(run)
     release_lock(run.dir)
-    if not _ACTIVE:
-        restore_signal_handlers()
+    restore_signal_handlers_when_idle()
 
 
 def fail_active_runs(reason: str) -> None:
@@ -326,6 +330,8 @@ def resume_command(stage: str, run_dir: Path) -> str:
         return "align " + shlex.join([*kept, "resume=true"])
     if args[:1] == ["pipeline"]:
         return "align " + shlex.join(args)
+    if stage == "pipeline":  # it has no resume key: the same command skips finished steps and resumes the rest
+        return f"align pipeline <the same recipe and settings> output_dir={shlex.quote(str(run_dir))}"
     return f"align {stage} <the same recipe and settings> output_dir={shlex.quote(str(run_dir))} resume=true"
 
 
@@ -448,7 +454,8 @@ def release_lock(out: Path) -> None:
 
 # ---------------------------------------------------------------- stop signals: a checkpoint, then a clean exit
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGUSR1: the notice SLURM sends ahead of preemption or the time limit with `sbatch --signal=USR1@<seconds>`
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
 
 
 class Interrupted(KeyboardInterrupt):
@@ -456,16 +463,17 @@ class Interrupted(KeyboardInterrupt):
     `interrupted` step) handles it."""
 
 
-# signal: the first stop signal's name; boundary: a training loop polls stop_requested() at each step
-_STOP: dict[str, Any] = {"signal": None, "boundary": False, "previous": {}}
+# signal: the first stop signal's name; boundary: a training loop polls stop_requested() at each step;
+# holders: blocks that keep the handlers across several runs (the pipeline, see `stop_signals_held`)
+_STOP: dict[str, Any] = {"signal": None, "boundary": False, "previous": {}, "holders": 0}
 
 
 def _on_stop_signal(signum: int, frame: Any) -> None:
     name = signal.Signals(signum).name
     if _STOP["signal"] is None and _STOP["boundary"]:
         _STOP["signal"] = name
-        print(f"align: {name}: stopping after this step with a checkpoint (send it again to stop at once)",
-              file=sys.stderr, flush=True)
+        log.warning(f"align: {name}: stopping after this step (or batch), saving where it is (send it again to stop at "
+                    f"once)")
         return
     _STOP["signal"] = _STOP["signal"] or name
     raise Interrupted(name)
@@ -490,6 +498,57 @@ def restore_signal_handlers() -> None:
     _STOP.update(previous={}, boundary=False)
 
 
+def restore_signal_handlers_when_idle() -> None:
+    """Put the handlers back once no run is active and no block holds them (a run ending inside a pipeline keeps
+    them: a signal between two steps must still mark the pipeline interrupted)."""
+    if not _ACTIVE and not _STOP["holders"]:
+        restore_signal_handlers()
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Watch stop signals for a whole block that runs several stages one after another (the pipeline), not only
+    while one of its runs is active."""
+    watch_stop_signals()
+    _STOP["holders"] += 1
+    try:
+        yield
+    finally:
+        _STOP["holders"] -= 1
+        restore_signal_handlers_when_idle()
+
+
+@contextlib.contextmanager
+def step_boundaries() -> Iterator[None]:
+    """A loop inside polls `stop_requested()` after each step or batch (and saves what it finished): the first
+    stop signal waits for that boundary instead of stopping at once."""
+    before = _STOP["boundary"]
+    _STOP["boundary"] = True
+    try:
+        yield
+    finally:
+        _STOP["boundary"] = before
+
+
+def until_stopped(steps: Iterable[T], detail: Callable[[T], str]) -> Iterator[T]:
+    """Each of `steps` (batches of a loop that saves what it finished), with a stop signal waiting for the end of
+    the batch in flight; after that batch the runs are marked interrupted (`interrupt_active_runs(detail(step))`)."""
+    with step_boundaries():
+        for step in steps:
+            yield step
+            if stop_requested():
+                interrupt_active_runs(detail(step))
+
+
+def requeue_hint(signal_name: str) -> str:
+    """After SIGUSR1 (SLURM's notice before preemption): how to put the job back in the queue so it continues."""
+    if not signal_name.startswith("SIGUSR1"):
+        return ""
+    job = os.environ.get("SLURM_JOB_ID", "<job id>")
+    return (f". On SLURM, requeue the job (scontrol requeue {job}, or sbatch --requeue) with resume=true in its "
+            f"command: resume=true also starts a run whose folder is empty, so one job script serves every launch")
+
+
 def at_step_boundaries(on: bool) -> None:
     """A training loop starts (True) or stops (False) polling `stop_requested()` at each step boundary."""
     _STOP["boundary"] = on
@@ -504,10 +563,12 @@ def stop_requested(sync: bool = False) -> str | None:
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            flag = torch.tensor([1 if _STOP["signal"] else 0], device=device)
+            # the signal's number, so the others name it (SIGUSR1 gets its requeue hint wherever it arrived)
+            mine = _STOP["signal"] and getattr(signal.Signals, _STOP["signal"].split()[0], signal.SIGTERM).value
+            flag = torch.tensor([mine or 0], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if flag.item() and not _STOP["signal"]:
-                _STOP["signal"] = "SIGTERM (on another process)"
+                _STOP["signal"] = f"{signal.Signals(int(flag.item())).name} (on another process)"
     return _STOP["signal"]
 
 
@@ -565,8 +626,7 @@ def newest_sound_checkpoint(candidates: list[Path], step: Any) -> Path | None:
         bad = damaged_file(path)
         if bad is None:
             if damaged:
-                print(f"resume: skipping damaged checkpoint(s) ({'; '.join(damaged)}); resuming from {path}",
-                      file=sys.stderr, flush=True)
+                log.warning(f"resume: skipping damaged checkpoint(s) ({'; '.join(damaged)}); resuming from {path}")
             return path
         damaged.append(bad)
     if damaged:
@@ -631,6 +691,9 @@ def path_digests(config: Any, cache: dict[Any, str]) -> dict[str, str]:
             except OSError:
                 return
             if not exists:
+                hub = hub_digest(value, cache)
+                if hub is not None:
+                    found[key] = hub
                 return
             if (path / "manifest.json").is_file():
                 found[key] = "run:" + run_outputs_digest(path, cache)
@@ -645,8 +708,34 @@ def path_digests(config: Any, cache: dict[Any, str]) -> dict[str, str]:
     return found
 
 
+def hub_digest(value: str, cache: dict[Any, str]) -> str | None:
+    """'hub:<type>:<repo>@<commit>' for a Hub model ID or dataset spec, by the commit its revision points at now
+    (a new revision on the Hub, or in the user's cache offline, changes it); None for anything else (a name the
+    Hub and the cache do not know adds nothing, as a missing path adds nothing). The local
+    `hf:<folder>` dataset form is a folder, hashed by content like any other."""
+    from align.hub import current_commit, hub_revision
+
+    if value.startswith("hf:"):
+        from align.data.hub import parse_spec
+
+        try:
+            folder = Path(parse_spec(value)[0]).expanduser()
+        except AlignError:
+            return None
+        if folder.exists():
+            return path_digests(str(folder), cache).get("")
+    ref = hub_revision(value)
+    if ref is None:
+        return None
+    if ref not in cache:  # one question to the Hub (or the cache) per ID and revision
+        commit = current_commit(ref[1], ref[2], ref[0])
+        cache[ref] = f"hub:{ref[0]}:{ref[1]}@{commit}" if commit else ""  # unknown: not a Hub ID after all
+    return cache[ref] or None
+
+
 def fingerprint(stage: str, config: dict[str, Any], cache: dict[Any, str] | None = None) -> str:
-    """sha256 of (stage, resolved config minus how-to-run keys, hashes of every path it reads)."""
+    """sha256 of (stage, resolved config minus how-to-run keys, hashes of every path it reads, the commits of the
+    Hub models and datasets it names)."""
     what = result_config(config)
     payload = {"stage": stage, "config": what, "inputs": path_digests(what, {} if cache is None else cache)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -743,6 +832,8 @@ def start_run(stage: str, cfg: Any, *, resume: bool = False) -> Run:
     if the new one fails, the old one is put back.
     """
     out = Path(cfg.output_dir)
+    if out.is_symlink():  # e.g. runs/big -> /scratch/big: the run, its lock and a replaced run live where it points
+        out = out.resolve()
     config = to_dict(cfg)
     watch_stop_signals()
     if process_rank() != 0:  # other processes of a multi-process run: the main process owns the folder
@@ -780,8 +871,7 @@ def start_run(stage: str, cfg: Any, *, resume: bool = False) -> Run:
             shutil.rmtree(out, ignore_errors=True)
             os.replace(backup, out)
         release_lock(out)
-        if not _ACTIVE:
-            restore_signal_handlers()
+        restore_signal_handlers_when_idle()
         raise
     _ACTIVE.append(run)
     return run

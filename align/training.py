@@ -71,6 +71,7 @@ def trainer_kwargs(t: TrainSettings, run_dir: Path, *, seed: int, has_eval: bool
         "lr_scheduler_type": t.lr_scheduler,
         "logging_steps": t.logging_steps,
         "logging_first_step": True,
+        "logging_nan_inf_filter": False,  # a non-finite loss is logged as it is, so the run stops on it (run_callback)
         "eval_strategy": strategy,
         "eval_steps": eval_every,
         "save_strategy": strategy if (has_eval and t.early_stopping_patience) else "steps",
@@ -133,16 +134,28 @@ def callbacks(t: TrainSettings, run_dir: Path, has_eval: bool) -> list[Any]:
     return out
 
 
+def diverged(logs: dict[str, Any], keys: tuple[str, ...] = ("loss", "grad_norm")) -> str | None:
+    """'loss nan' / 'grad_norm inf' when one of the logged `keys` (a loss, a gradient norm) is no longer finite,
+    else None."""
+    bad = [f"{k} {logs[k]}" for k in keys
+           if isinstance(logs.get(k), (int, float)) and not math.isfinite(logs[k])]
+    return ", ".join(bad) or None
+
+
 def run_callback() -> Any:
-    """A TrainerCallback that (1) records each checkpoint's file sizes and hashes when it is saved, and (2) on
-    SIGTERM/SIGINT stops at the next step boundary: the Trainer saves a checkpoint and leaves its loop, then the
-    run is marked `interrupted` and `runs.Interrupted` is raised (exit 130 from the CLI)."""
+    """A TrainerCallback that (1) records each checkpoint's file sizes and hashes when it is saved, (2) on
+    SIGTERM/SIGINT/SIGUSR1 stops at the next step boundary: the Trainer saves a checkpoint and leaves its loop,
+    then the run is marked `interrupted` and `runs.Interrupted` is raised (exit 130 from the CLI), and (3) stops a
+    run whose loss or gradient norm stopped being finite, without saving that step, with one line naming the step,
+    the value and the fix (the last checkpoint saved before it stays)."""
     from transformers import TrainerCallback
 
+    from align.errors import TrainingError
     from align.runs import at_step_boundaries, interrupt_active_runs, record_files, stop_requested
 
     class RunCallback(TrainerCallback):
         stopped_at: int | None = None
+        divergence: str | None = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             at_step_boundaries(True)
@@ -152,6 +165,15 @@ def run_callback() -> Any:
                 control.should_save = control.should_training_stop = True
                 self.stopped_at = state.global_step
 
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+                   **kwargs: Any) -> None:
+            what = diverged(logs or {})
+            if what and self.divergence is None:
+                control.should_training_stop, control.should_save = True, False
+                self.divergence = (f"training diverged at step {state.global_step} ({what}): lower train.lr (now "
+                                   f"{args.learning_rate:g}) or train.max_grad_norm, and run again with "
+                                   "overwrite=true; no checkpoint was saved from this step on")
+
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero and (folder / "trainer_state.json").is_file():
@@ -159,6 +181,8 @@ def run_callback() -> Any:
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             at_step_boundaries(False)
+            if self.divergence is not None:
+                raise TrainingError(self.divergence)
             if self.stopped_at is not None:
                 interrupt_active_runs(f" after step {self.stopped_at} (checkpoint "
                                       f"{Path(args.output_dir) / f'checkpoint-{self.stopped_at}'})")

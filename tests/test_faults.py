@@ -183,6 +183,7 @@ def test_sigterm_checkpoints_at_a_step_and_resume_equals_an_uninterrupted_run(ti
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_sigterm_stops_every_process_of_a_multi_process_run_at_the_same_step(tiny_model: Path,
                                                                             tmp_path: Path) -> None:
     from test_multiprocess import ACCELERATE, free_port

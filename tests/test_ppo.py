@@ -261,3 +261,19 @@ def test_ppo_sigterm_checkpoints_the_step_and_resume_finishes_it(toy_policy: Pat
     whole = ppo.run(load_config(ppo.Config, TINY, [*args, f"output_dir={tmp_path / 'whole'}"]))
     a, b = (load_file(str(d / "model" / "adapter_model.safetensors")) for d in (whole, resumed))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
+def test_a_diverging_ppo_run_stops_at_that_step_unsaved(toy_policy: Path, tmp_path: Path) -> None:
+    """A learning rate far too high: once a loss is no longer finite the run stops at that step with one clear
+    error naming it and the fix, and no checkpoint from that step on exists (the earlier ones are finite)."""
+    from align.errors import TrainingError
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"ppo diverged at step (\d+) \(loss/") as err:
+        ppo.run(config(toy_policy, out, "ppo.steps=4", "ppo.lr=1e30", "ppo.epochs=1",
+                           "ppo.mini_batch_size=16", "log.save_every=1"))
+    step = int(str(err.value).split("at step ")[1].split(" ")[0])
+    saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    assert 1 < step <= 4 and saved == list(range(1, step)), (step, saved)
+    assert all(torch.isfinite(t).all() for s in saved
+               for t in load_file(str(out / "checkpoints" / f"step-{s}" / "trainable.safetensors")).values())

@@ -107,3 +107,29 @@ def test_merge_folds_lora_into_a_full_model(tiny_model, toy_sft, tmp_path):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([man["probe"]["input_ids"]])).logits[0, -1]
     assert torch.allclose(logits[:16], torch.tensor(man["probe"]["logits_head"]), atol=1e-4)
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_only_finite_checkpoints(tiny_model, toy_sft, tmp_path, capsys):
+    """A learning rate far too high: the loss stops being finite; the run stops at that step with one line naming
+    it and the fix, is marked failed, and no checkpoint holds the non-finite weights."""
+    from safetensors.torch import load_file
+
+    from align.cli import main
+
+    train, valid = toy_sft
+    out = tmp_path / "run"
+    code = main(["sft", "stages/tiny/sft.yaml", f"model={tiny_model}", f"output_dir={out}", f"data.train={train}",
+                 f"data.validation={valid}", "train.progress=false", "peft.method=full", "train.lr=1e30",
+                 "train.max_steps=6", "train.save_steps=1", "train.eval_steps=0", "train.warmup_ratio=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    line = err[-1]
+    step = int(line.split("training diverged at step ")[1].split(" ")[0])
+    assert 1 <= step < 6 and "train.lr (now 1e+30)" in line
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert all(s < step for s in saved), (saved, step)
+    for s in saved:
+        weights = load_file(str(out / "checkpoints" / f"checkpoint-{s}" / "model.safetensors"))
+        assert all(torch.isfinite(t).all() for t in weights.values())

@@ -120,6 +120,14 @@ def test_gate_mixes_experts_by_task_and_beats_each_expert(tiny_model, experts, t
         weight_gaps.append(answer_weight(mixed.model, tok, held_out["colour"], 0)
                            - answer_weight(mixed.model, tok, held_out["count"], 0))
         mixed_losses.append(answer_loss(mixed.model, tok, both))
+    # the run folder moves (the experts are named relative to it): it still loads, the same model
+    moved = tmp_path / "elsewhere" / "mix"
+    moved.parent.mkdir()
+    run_dir.rename(moved)
+    with torch.no_grad():
+        again = load_policy(moved, stage="sft", dtype="float32").model(
+            input_ids=torch.tensor([man["probe"]["input_ids"]])).logits[0, -1]
+    assert torch.equal(again, probe)
     print(f"gate weight gap by task per seed {[round(g, 3) for g in weight_gaps]}; "
           f"mixture loss over both tasks per seed {[round(x, 3) for x in mixed_losses]}")
     assert sum(weight_gaps) / len(SEEDS) > 0.05

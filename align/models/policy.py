@@ -161,7 +161,7 @@ def save_experts(model: Any, out: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(source) / "adapter_config.json", folder / "adapter_config.json")
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, folder / "adapter_model.safetensors")
-        config["adapters"][name] = str(folder.resolve())
+        config["adapters"][name] = f"experts/{name}"  # relative to the X-LoRA folder: it can move (load_xlora)
     config_path.write_text(json.dumps(config, indent=2))
 
 
@@ -170,9 +170,13 @@ def load_xlora(path: Path, dtype: str, trust_remote_code: bool) -> Any:
     from peft import PeftModel
     from safetensors.torch import load_file
 
+    from peft import PeftConfig
+
     base = load_model(base_of_adapter(path), dtype=dtype, trust_remote_code=trust_remote_code, merge=True)
     base.config.use_cache = False  # X-LoRA refuses a KV cache
-    model = PeftModel.from_pretrained(base, path)
+    config = PeftConfig.from_pretrained(path)  # experts named relative to the folder (older runs: absolute)
+    config.adapters = {name: str(Path(path, folder).resolve()) for name, folder in config.adapters.items()}
+    model = PeftModel.from_pretrained(base, path, config=config)
     gate = load_file(Path(path) / XLORA_GATE)
     missing = set(gate) - set(model.state_dict())
     if missing or not gate:

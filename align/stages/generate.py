@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -23,8 +24,11 @@ from align.data.records import PromptRecord, prompt_id, read_prompts
 from align.errors import ConfigError, DataError
 from align.generation import Sampler, SamplingSettings
 from align.generation.select import BackendSettings, build_sampler
+from align.log import progress
 from align.models.load import resolve_model
-from align.runs import start_run
+from align.runs import start_run, until_stopped
+
+log = logging.getLogger(__name__)
 
 SAMPLES = "samples.jsonl"
 
@@ -62,7 +66,7 @@ def read_done(path: Path) -> dict[int, str]:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             raise DataError(f"{path}:{lineno}: not a samples row; delete the file or use overwrite=true") from None
     if good < len(data):
-        print(f"{path}: dropping a partially written last line ({len(data) - good} bytes)", flush=True)
+        log.warning(f"{path}: dropping a partially written last line ({len(data) - good} bytes)")
         with open(path, "r+b") as f:
             f.truncate(good)
     return done
@@ -107,7 +111,7 @@ def run(cfg: Config) -> Path:
             raise DataError(f"{out}: row for prompt {i} does not match {cfg.prompts} any more; the prompt file "
                             f"changed since the first run — use overwrite=true to start again")
     todo = [i for i in range(len(records)) if i not in done]
-    print(f"{len(records)} prompts, {len(done)} already sampled, {len(todo)} to go (k={cfg.k})", flush=True)
+    log.info(f"{len(records)} prompts, {len(done)} already sampled, {len(todo)} to go (k={cfg.k})")
 
     tokens, seconds = 0, 0.0
     if todo:
@@ -117,7 +121,13 @@ def run(cfg: Config) -> Path:
                       "temperature": cfg.sampling.temperature, "top_p": cfg.sampling.top_p,
                       "max_new_tokens": cfg.sampling.max_new_tokens}
         out.touch()
-        for start in range(0, len(todo), chunk):
+
+        def saved(start: int) -> str:  # said when a stop signal ends the run after the chunk at `start`
+            return f" after {len(done) + min(start + chunk, len(todo))}/{len(records)} prompts (samples in {out})"
+
+        # a stop signal (SIGTERM, Ctrl-C, SIGUSR1) lets the chunk in flight finish and be saved, then stops
+        chunks = until_stopped(range(0, len(todo), chunk), saved)
+        for start in progress(chunks, total=-(-len(todo) // chunk), desc="generate", unit="chunk"):
             indices = todo[start:start + chunk]
             params = dataclasses.replace(cfg.sampling, seed=cfg.seed + indices[0])
             t0 = time.perf_counter()
@@ -125,8 +135,8 @@ def run(cfg: Config) -> Path:
             seconds += time.perf_counter() - t0
             tokens += n_tokens
             append_rows(out, rows)
-            print(f"  sampled {len(done) + start + len(indices)}/{len(records)} prompts "
-                  f"({tokens / max(seconds, 1e-9):.1f} tokens/s)", flush=True)
+            log.info(f"  sampled {len(done) + start + len(indices)}/{len(records)} prompts "
+                     f"({tokens / max(seconds, 1e-9):.1f} tokens/s)")
 
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     finished = [f for r in rows for f in r["finished"]]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -28,7 +29,10 @@ from align.judges import Verdict, failure, redact, verdict_from_scores
 from align.judges.cache import JudgeCache, cache_key
 from align.judges.registry import LoadedJudge, load_judge
 from align.judges.report import Row, format_report, judge_report
-from align.runs import Run, resolve_input, start_run
+from align.log import progress
+from align.runs import Run, resolve_input, start_run, until_stopped
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,12 @@ def run_judge(loaded: LoadedJudge, cache: JudgeCache, items: list[Item], batch_s
     first = {k: i for i, k in reversed(list(enumerate(keys)))}
     counts["cached"] += len(set(keys)) - len(todo)
     shown = time.monotonic()
-    for start in range(0, len(todo), batch_size):
+    def saved(start: int) -> str:  # said when a stop signal ends the run after the batch at `start`
+        return f" after judging {min(start + batch_size, len(todo))}/{len(todo)} (verdicts cached in {cache.path})"
+
+    # a stop signal (SIGTERM, Ctrl-C, SIGUSR1) lets the batch in flight finish and be cached, then stops
+    batches = until_stopped(range(0, len(todo), batch_size), saved)
+    for start in progress(batches, total=-(-len(todo) // batch_size), desc="judge", unit="batch"):
         chunk = [items[first[k]] for k in todo[start:start + batch_size]]
         prompts = [it.prompt for it in chunk]
         if loaded.mode == "pairwise":
@@ -118,7 +127,7 @@ def run_judge(loaded: LoadedJudge, cache: JudgeCache, items: list[Item], batch_s
         done = min(start + batch_size, len(todo))
         if time.monotonic() - shown >= 5 or done == len(todo):  # a progress line every few seconds, not per batch
             shown = time.monotonic()
-            print(f"  judged {done}/{len(todo)} new ({counts['cached']} from cache)", flush=True)
+            log.info(f"  judged {done}/{len(todo)} new ({counts['cached']} from cache)")
     out = []
     for k in keys:
         if k in fresh:
@@ -269,7 +278,7 @@ def run(cfg: Config) -> Path:
         rows = rows[: cfg.max_prompts]
     human = read_human(cfg)
     loaded = load_judge(cfg.judge, cfg.judge_options)
-    print(f"judge {loaded.id} ({loaded.kind}, {loaded.mode}) on {len(rows)} prompts from {samples_path}", flush=True)
+    log.info(f"judge {loaded.id} ({loaded.kind}, {loaded.mode}) on {len(rows)} prompts from {samples_path}")
     run_ = start_run("judge", cfg, resume=cfg.resume)
     run_.add_input(samples_path)
     if human is not None:
@@ -326,6 +335,5 @@ def run(cfg: Config) -> Path:
         print(format_report(report), flush=True)
     fail_on_failures(run_, counts, cfg.max_failure_rate, loaded.id)
     if not prefs:
-        print("warning: no preferences were produced (every pair tied, abstained or failed); see verdicts.jsonl",
-              flush=True)
+        log.warning("warning: no preferences were produced (every pair tied, abstained or failed); see verdicts.jsonl")
     return run_.finish()

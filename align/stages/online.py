@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,12 @@ from align.errors import AlignError, ConfigError
 from align.generation import SamplingSettings
 from align.models.peft import PeftSettings
 from align.rewards import RewardSettings
-from align.runs import Run, read_manifest, start_run
+from align.runs import Run, interrupt_active_runs, read_manifest, start_run, stop_requested
 from align.stages.dpo import DPOSettings
+from align.tracking import Tracker
 from align.training import TrainSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,10 @@ def substage(stage: str, out: Path, settings: dict[str, Any]) -> Path:
     if started and not how.get("resume"):
         how["overwrite"] = True
     cfg = from_dict(module.Config, {**settings, **how, "output_dir": str(out)}, f"online:{stage}")
-    return module.run(cfg)
+    done = module.run(cfg)
+    if stop_requested():  # a stop signal that came as the substage finished, when nothing polled for it
+        interrupt_active_runs(f" after {out}")
+    return done
 
 
 def round_settings(cfg: Config, r: int, policy: str, rdir: Path) -> dict[str, dict[str, Any]]:
@@ -202,8 +209,6 @@ def round_metrics(rdir: Path) -> dict[str, float]:
 
 
 def run(cfg: Config) -> Path:
-    from torch.utils.tensorboard import SummaryWriter
-
     from align.models.load import resolve_model
     from align.rewards import check_reward
     from align.runs import resolve_input
@@ -225,10 +230,31 @@ def run(cfg: Config) -> Path:
     check = judge_agreement(cfg, run_.dir / "judge-check" / "judge")
     if check is not None:
         run_.extra["judge_check"] = check
-        print(f"online: before round 1, judge {cfg.judge.spec} agrees with {check['decided']:.0f} decided of "
-              f"{check['pairs']:.0f} held-out human pairs on {check['agreement']:.1%} ({check['source']})", flush=True)
+        log.info(f"online: before round 1, judge {cfg.judge.spec} agrees with {check['decided']:.0f} decided of "
+                 f"{check['pairs']:.0f} held-out human pairs on {check['agreement']:.1%} ({check['source']})")
         require_agreement(run_, check["agreement"], cfg.judge.min_agreement, "before round 1")
-    tb = SummaryWriter(str(run_.dir / "tb"))
+    # <run>/tb, plus MLflow / W&B in train.report_to; closed whatever happens, marked failed on an error
+    with Tracker.open(run_.dir, cfg.train.report_to) as tracker:
+        rows, policy = run_rounds(cfg, run_, prompts, start, tracker)
+        if policy == str(start):
+            message = (f"online: no round produced a preference pair ({cfg.rounds} rounds); see the rounds' "
+                       f"verdicts.jsonl")
+            run_.fail(message)
+            raise AlignError(message)
+    run_.add_output("model", Path(policy) / "model")
+    run_.extra["rounds"] = rows
+    run_.metrics.update({f"final/{k}": v for k, v in rows[-1].items() if k != "round"})
+    run_.metrics["ai_pairs_total"] = sum(row["ai_pairs"] for row in rows)
+    print(f"online: {cfg.rounds} rounds, {run_.metrics['ai_pairs_total']:.0f} AI-labelled pairs; final policy "
+          f"{policy}", flush=True)
+    return run_.finish()
+
+
+def run_rounds(cfg: Config, run_: Run, prompts: list[PromptRecord], start: Path,
+               tracker: Tracker) -> tuple[list[dict[str, Any]], str]:
+    """Every round in turn (finished ones kept on resume): (one metrics row per round, the final policy folder)."""
+    from align.models.load import resolve_model
+
     rows: list[dict[str, Any]] = []
     policy = str(start)
     for r in range(1, cfg.rounds + 1):
@@ -236,13 +262,13 @@ def run(cfg: Config) -> Path:
         rdir.mkdir(exist_ok=True)
         if not (rdir / "prompts.jsonl").is_file():
             write_jsonl(rdir / "prompts.jsonl", round_prompts(prompts, r, cfg.prompts_per_round))
-        print(f"online: round {r}/{cfg.rounds} from {policy}", flush=True)
+        log.info(f"online: round {r}/{cfg.rounds} from {policy}")
         settings = round_settings(cfg, r, policy, rdir)
         for stage in ("generate", "judge", "preferences", "dpo"):
             if stage == "preferences" and not round_metrics(rdir)["ai_pairs"] and not cfg.human_mix:
                 # Every pair tied or abstained (e.g. the policy already does what the judge rewards): nothing to
                 # learn from, so this round keeps its policy instead of failing on an empty preference file.
-                print(f"online: round {r}: the judge decided no pair; the policy carries over unchanged", flush=True)
+                log.info(f"online: round {r}: the judge decided no pair; the policy carries over unchanged")
                 break
             substage(stage, rdir / stage, settings[stage])
             release_engines(run_, r, stage)  # the next substage gets the GPU back
@@ -255,19 +281,8 @@ def run(cfg: Config) -> Path:
         if cfg.eval.size > 0:
             row |= held_out(cfg, start, resolve_model(policy))
         rows.append(row)
-        record_round(run_, tb, row)
-    tb.close()
-    if policy == str(start):
-        message = f"online: no round produced a preference pair ({cfg.rounds} rounds); see the rounds' verdicts.jsonl"
-        run_.fail(message)
-        raise AlignError(message)
-    run_.add_output("model", Path(policy) / "model")
-    run_.extra["rounds"] = rows
-    run_.metrics.update({f"final/{k}": v for k, v in rows[-1].items() if k != "round"})
-    run_.metrics["ai_pairs_total"] = sum(row["ai_pairs"] for row in rows)
-    print(f"online: {cfg.rounds} rounds, {run_.metrics['ai_pairs_total']:.0f} AI-labelled pairs; final policy "
-          f"{policy}", flush=True)
-    return run_.finish()
+        record_round(run_, tracker, row)
+    return rows, policy
 
 
 def release_engines(run_: Run, r: int, stage: str) -> None:
@@ -282,16 +297,14 @@ def release_engines(run_: Run, r: int, stage: str) -> None:
         run_.extra.setdefault("engines", []).extend({"round": r, "stage": stage, **e} for e in engines)
 
 
-def record_round(run_: Run, tb: Any, row: dict[str, Any]) -> None:
-    """One metrics.jsonl line and TensorBoard scalars (round/<name>) per round; rewritten, so a resume that
-    redoes a round's numbers does not duplicate them."""
+def record_round(run_: Run, tracker: Tracker, row: dict[str, Any]) -> None:
+    """One metrics.jsonl line per round, rewritten, so a resume that redoes a round's numbers does not duplicate
+    them; and the trackers' round/<name> metrics at step = the round."""
     path = run_.dir / "metrics.jsonl"
     kept = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     kept = [k for k in kept if k["round"] < row["round"]] + [row]
     path.write_text("".join(json.dumps(k) + "\n" for k in kept))
-    for key, value in row.items():
-        if key != "round" and isinstance(value, (int, float)):
-            tb.add_scalar(f"round/{key}", value, row["round"])
-    tb.flush()
+    tracker.log({f"round/{k}": float(v) if isinstance(v, bool) else v for k, v in row.items() if k != "round"},
+                step=row["round"])
     summary = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "round" and isinstance(v, float))
-    print(f"online: round {row['round']}: {summary}", flush=True)
+    log.info(f"online: round {row['round']}: {summary}")

@@ -17,6 +17,7 @@ import gc
 import importlib
 import importlib.util
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from typing import Any, Literal
 from align.config import load_config, opt, to_dict
 from align.errors import ConfigError
 from align.runs import (
+    Interrupted,
     Run,
     check_replaceable,
     fail_active_runs,
@@ -34,9 +36,12 @@ from align.runs import (
     now,
     read_manifest,
     release_lock,
+    stop_requested,
+    stop_signals_held,
     take_lock,
-    watch_stop_signals,
 )
+
+log = logging.getLogger(__name__)
 
 ORDER = ("sft", "import", "generate", "judge", "preferences", "reward", "ppo", "dpo", "online", "eval", "report")
 
@@ -265,6 +270,22 @@ def execute(steps: list[PlannedStep], root: Path, config: dict[str, Any], force:
     top.extra["steps"] = records
     cache: dict[Any, str] = {}
     t_all = time.perf_counter()
+    try:
+        run_steps(steps, top, previous, records, cache, force)
+    except KeyboardInterrupt:  # a stop signal or Ctrl-C, during a step (its run is marked) or between two steps
+        top.interrupt(stop_requested() or "KeyboardInterrupt")
+        raise
+    top.metrics.update({f"seconds_{name}": r.get("seconds") or 0.0 for name, r in records.items()})
+    top.metrics.update({f"run_seconds_{name}": r.get("run_seconds") or 0.0 for name, r in records.items()})
+    top.metrics["seconds_total"] = time.perf_counter() - t_all
+    top.metrics["run_seconds_total"] = sum(r.get("run_seconds") or 0.0 for r in records.values())
+    top.write_manifest("completed")
+    return records
+
+
+def run_steps(steps: list[PlannedStep], top: Run, previous: dict[str, Any], records: dict[str, dict[str, Any]],
+              cache: dict[Any, str], force: bool) -> None:
+    """Run (or skip) each step in turn, recording it in `records` and the pipeline manifest `top`."""
     for step in steps:
         record = dict(previous.get(step.name, {}))
         fp = fingerprint(step.stage, to_dict(step.config if step.config is not None else step_config(step)), cache)
@@ -273,12 +294,12 @@ def execute(steps: list[PlannedStep], root: Path, config: dict[str, Any], force:
         records[step.name] = record
         if action == "skip":
             record.update({"status": "skipped", "seconds": 0.0})
-            print(f"pipeline: {step.name}: unchanged since its last run, skipped", flush=True)
+            log.info(f"pipeline: {step.name}: unchanged since its last run, skipped")
             continue
         record.update({"status": "running", "started_at": now(), "seconds": None})
         top.write_manifest("running")
-        print(f"pipeline: {step.name}: {'resuming' if action == 'resume' else 'running'} "
-              f"({step.recipe or 'built-in'} -> {step.dir})", flush=True)
+        log.info(f"pipeline: {step.name}: {'resuming' if action == 'resume' else 'running'} "
+                 f"({step.recipe or 'built-in'} -> {step.dir})")
         t0 = time.perf_counter()
         try:
             step.run(step_config(step, extra))
@@ -296,12 +317,8 @@ def execute(steps: list[PlannedStep], root: Path, config: dict[str, Any], force:
         record.update({"status": "resumed" if action == "resume" else "ran", "seconds": seconds,
                        "run_seconds": seconds, "finished_at": now()})
         top.write_manifest("running")
-    top.metrics.update({f"seconds_{name}": r.get("seconds") or 0.0 for name, r in records.items()})
-    top.metrics.update({f"run_seconds_{name}": r.get("run_seconds") or 0.0 for name, r in records.items()})
-    top.metrics["seconds_total"] = time.perf_counter() - t_all
-    top.metrics["run_seconds_total"] = sum(r.get("run_seconds") or 0.0 for r in records.values())
-    top.write_manifest("completed")
-    return records
+        if stop_requested():  # a signal that came as the step finished, when nothing polled for it
+            raise Interrupted(str(stop_requested()))
 
 
 def print_summary(records: dict[str, dict[str, Any]], total: float) -> None:
@@ -330,7 +347,7 @@ def run_seeds(cfg: Config) -> Path:
         raise ConfigError("seeds=[...] compares the seeds' evaluations: run every step through eval (no `until`)")
     t0 = time.perf_counter()
     for sub in configs:
-        print(f"pipeline: training seed {sub.seed} -> {sub.output_dir}", flush=True)
+        log.info(f"pipeline: training seed {sub.seed} -> {sub.output_dir}")
         run(sub)
     rows, evals = read_seed_evals({sub.seed: Path(sub.output_dir) / "eval" for sub in configs})
     report = quality_report(rows, evals) | {"seconds": time.perf_counter() - t0}
@@ -347,17 +364,19 @@ def run(cfg: Config) -> Path:
     root = Path(cfg.output_dir)
     steps = plan(cfg)
     take_lock(root)  # one pipeline per folder: a second launch is refused, naming this one
-    watch_stop_signals()  # SIGTERM: the running step checkpoints and stops; the pipeline is marked interrupted
-    try:
-        if cfg.overwrite and root.is_dir() and any(root.iterdir()):
-            check_replaceable(root, "pipeline", to_dict(cfg))
-            shutil.rmtree(root)
-        root.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        records = execute(steps, root, to_dict(cfg), force=cfg.force,
-                          inputs=[*cfg.human, cfg.prompts, cfg.eval_prompts])
-    finally:
-        release_lock(root)
+    # SIGTERM/SIGUSR1/Ctrl-C, during a step or between two: the step checkpoints and stops, the pipeline is marked
+    # interrupted, and the same command continues it
+    with stop_signals_held():
+        try:
+            if cfg.overwrite and root.is_dir() and any(root.iterdir()):
+                check_replaceable(root, "pipeline", to_dict(cfg))
+                shutil.rmtree(root)
+            root.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            records = execute(steps, root, to_dict(cfg), force=cfg.force,
+                              inputs=[*cfg.human, cfg.prompts, cfg.eval_prompts])
+        finally:
+            release_lock(root)
     print_summary(records, time.perf_counter() - t0)
     if "eval" in records:
         evaluation = read_eval(root / records["eval"]["dir"])

@@ -19,6 +19,7 @@ from typing import Any
 
 from align import runs
 from align.data.records import read_prompts
+from align.errors import TrainingError
 from align.rlhf.sharded import gathered_trainable_state, shards_parameters
 from align.stages.ppo_checkpoint import (
     check_resume_world,
@@ -31,6 +32,7 @@ from align.stages.ppo_checkpoint import (
 from align.stages.ppo_config import Config
 from align.stages.ppo_rollout import Trainer, collect_rollout, read_step_prompts, rollout_sampler
 from align.stages.ppo_update import compute_advantages, ppo_update, step_metrics
+from align.training import diverged
 
 log = logging.getLogger(__name__)
 __all__ = ["Config", "run"]
@@ -68,6 +70,9 @@ def run(cfg: Config) -> Path:
         adv = compute_advantages(cfg, t, batch)
         losses = ppo_update(cfg, t, batch, adv, step)
         stats = step_metrics(cfg, t, batch, adv, losses, step + 1)
+        if what := diverged(stats, ("loss/policy", "loss/value")):  # reduced over processes: all stop here
+            raise TrainingError(f"ppo diverged at step {step + 1} ({what}): lower ppo.lr (now {cfg.ppo.lr:g}) or "
+                                "ppo.max_grad_norm and run again with overwrite=true; this step was not saved")
         stop = runs.stop_requested(sync=True)  # SIGTERM/Ctrl-C: every process stops after this same step
         log_and_checkpoint(cfg, t, batch, stats, step + 1, force_save=bool(stop))
         if stop:
