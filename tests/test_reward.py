@@ -158,8 +158,8 @@ def test_sft_adapter_base_is_merged_and_materialized(tiny_model: Path, small_fil
     (sft / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(tiny_model)}))
     out = reward.run(tiny_cfg(sft, *small_files, tmp_path / "run", "train.max_steps=2"))
     assert json.loads((out / "manifest.json").read_text())["outputs"]["base"] == "base"
-    assert json.loads((out / "adapter/adapter_config.json").read_text())["base_model_name_or_path"] == str(
-        (out / "base").resolve())
+    # the base sits in the same run folder: named relative to the adapter, so the run folder can move
+    assert json.loads((out / "adapter/adapter_config.json").read_text())["base_model_name_or_path"] == "../base"
     prompt, response = "How do I fry kale?", "Fry it hot. Tip: dry it first."
     ours = RewardModel.load(out).score([prompt], [response])[0]
     rm = RewardModel(PeftModel.from_pretrained(

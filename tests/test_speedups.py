@@ -264,7 +264,7 @@ def test_padding_free_sft_gives_the_padded_losses(tiny_model, toy_sft, tmp_path,
     real = sft.use_padding_free
     monkeypatch.setattr(sft, "use_padding_free", lambda *a: chosen.append(real(*a)) or chosen[-1])
     free = run_sft(tiny_model, toy_sft, tmp_path / "free", "data.padding_free=true")
-    free_out = capsys.readouterr().out
+    free_out = capsys.readouterr().err  # status lines are logged to stderr
     padded = run_sft(tiny_model, toy_sft, tmp_path / "padded", "data.padding_free=false")
     assert chosen == [True, False]
     assert "padded batches" not in free_out
@@ -278,7 +278,7 @@ def test_padding_free_sft_gives_the_padded_losses(tiny_model, toy_sft, tmp_path,
 
 def test_prompt_tuning_falls_back_to_padded_batches(tiny_model, toy_sft, tmp_path, one_thread, capsys):
     run_sft(tiny_model, toy_sft, tmp_path / "pt", "peft.method=prompt_tuning", "train.max_steps=1")
-    assert "sft: padded batches (peft.method=prompt_tuning)" in capsys.readouterr().out
+    assert "sft: padded batches (peft.method=prompt_tuning)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- nucleus draw (align/generation/hf.py)
