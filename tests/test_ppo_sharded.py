@@ -28,21 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def tiny_actor() -> nn.Module:
-    """PPO's ActorCritic on a tiny random Llama with a LoRA adapter whose ΔW is not zero."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The tiny LoRA actor-critic the FSDP2 worker shards (a trained adapter: ΔW is not zero), in eval mode."""
+    from ppo_fsdp2_worker import build
 
-    from align.rlhf.policy import ActorCritic
-
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1))
-    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_()
-    return ActorCritic(policy).eval()
+    return build().eval()
 
 
 def test_fsdp2_on_two_cpu_processes_scores_gathers_and_refreshes_the_rollout_copy(
