@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from align.models.packed import PLAIN_ARGS, packed_body, right_padded_lengths
+
 SCALING_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
@@ -65,7 +67,9 @@ def compact_lm_head(model: Any, outputs: tuple[str, ...] = ("log_probs",)) -> bo
             return trl_forward(*args, labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
                                **kwargs)
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        lengths = packable(kwargs) if not args and getattr(self, PACK_FLAG, False) else None
+        hidden = (packed_body(self.base_model, kwargs["input_ids"], lengths) if lengths is not None else
+                  self.base_model(*args, **kwargs).last_hidden_state)
         if shift_labels is None:
             hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
         f = compact_logprobs(hidden, shift_labels, self.get_output_embeddings(), outputs)
@@ -75,6 +79,42 @@ def compact_lm_head(model: Any, outputs: tuple[str, ...] = ("log_probs",)) -> bo
 
     target.forward = types.MethodType(forward, target)
     return True
+
+
+PACK_FLAG = "_align_packed_rows"  # set by `pack_rows`: run right-padded batches padding-free
+
+
+def packable(kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """Row lengths when a call is just input_ids + a right-padded attention_mask (+ use_cache), else None."""
+    others = {k for k, v in kwargs.items() if k not in ("input_ids", "attention_mask") and v is not None
+              and PLAIN_ARGS.get(k, not v) != v}  # PEFT passes return_dict=True, output_*=None
+    if others or kwargs.get("attention_mask") is None or kwargs.get("input_ids") is None:
+        return None
+    return right_padded_lengths(kwargs["attention_mask"])
+
+
+def pack_rows(model: Any, probe: dict[str, torch.Tensor]) -> bool:
+    """Make a `compact_lm_head` model run right-padded batches padding-free (`align.models.packed.packed_body`):
+    the body sees only the attended tokens, one packed row. Checked, not assumed: the log-probs of `probe`
+    (input_ids, attention_mask, labels) must equal the padded pass's, else it stays padded. True if switched on."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "forward" not in vars(target):
+        return False
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outs = []
+            for flag in (False, True):
+                setattr(target, PACK_FLAG, flag)
+                outs.append(model(**probe, fused_lm_head=True).log_probs.float())
+    finally:
+        model.train(was_training)
+    # fp32: the same sums in another order (~1e-6); attention leaking across packed sequences moves them far more
+    tolerance = 1e-4 if outs[0].dtype == torch.float32 and next(target.parameters()).dtype == torch.float32 else 3e-2
+    same = bool(torch.allclose(outs[0], outs[1], rtol=tolerance, atol=tolerance))
+    setattr(target, PACK_FLAG, same)
+    return same
 
 
 def contiguous_head_input(model: Any) -> None:

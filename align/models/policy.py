@@ -167,10 +167,8 @@ def save_experts(model: Any, out: Path) -> None:
 
 def load_xlora(path: Path, dtype: str, trust_remote_code: bool) -> Any:
     """An X-LoRA folder on its base: experts from its experts/ folder, the gate from xlora_gate.safetensors."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
     from safetensors.torch import load_file
-
-    from peft import PeftConfig
 
     base = load_model(base_of_adapter(path), dtype=dtype, trust_remote_code=trust_remote_code, merge=True)
     base.config.use_cache = False  # X-LoRA refuses a KV cache

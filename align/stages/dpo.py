@@ -16,6 +16,7 @@ ending its answers. The NLL term keeps the chosen answers, their end-of-turn inc
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +30,8 @@ from align.models.peft import PeftSettings
 from align.rewards import RewardSettings
 from align.training import TrainSettings
 
+log = logging.getLogger(__name__)
+
 LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"]
 
@@ -39,6 +42,9 @@ class DataSettings:
     validation: str = opt("runs/import/valid.jsonl", VALIDATION_HELP)
     validation_fraction: float = opt(0.1, VALIDATION_FRACTION_HELP + " (0: no validation)", ge=0.0, lt=1.0)
     max_length: int = opt(512, "max tokens of prompt + response; longer pairs are truncated by TRL", ge=8)
+    padding_free: bool = opt(True, "run each batch's chosen and rejected sequences packed into one row (no compute "
+                                   "or activation memory on padding); used only where a check on two pairs gives "
+                                   "the padded log-probs")
 
 
 @dataclass(frozen=True)
@@ -129,8 +135,9 @@ def run(cfg: Config) -> Path:
     import torch
     from trl import DPOConfig, DPOTrainer
 
-    from align.models.lm_head import compact_lm_head
+    from align.models.lm_head import compact_lm_head, pack_rows
     from align.models.load import pick_dtype, resolve_model
+    from align.models.memory import release_memory_callback
     from align.models.peft import count_parameters
     from align.models.policy import load_policy, save_policy
     from align.rewards import check_reward
@@ -160,16 +167,20 @@ def run(cfg: Config) -> Path:
                          total_steps=total_steps(len(train_ds), cfg.train))
     model, ref_model, tokenizer, trained = policy.model, policy.reference, policy.tokenizer, policy.trained
     n_train, n_total = count_parameters(model)
-    print(f"dpo: {trained} ({n_train:,} of {n_total:,} parameters); loss {loss_name(cfg.dpo)}, β={cfg.dpo.beta}; "
-          f"{len(train_ds)} pairs", flush=True)
+    log.info(f"dpo: {trained} ({n_train:,} of {n_total:,} parameters); loss {loss_name(cfg.dpo)}, β={cfg.dpo.beta}; "
+             f"{len(train_ds)} pairs")
 
     args = DPOConfig(**trainer_kwargs(cfg.train, run_.dir, seed=cfg.seed, has_eval=val_ds is not None),
                      **precision_flags(dtype), beta=cfg.dpo.beta, **loss_kwargs(cfg.dpo),
                      label_smoothing=cfg.dpo.label_smoothing, max_length=cfg.data.max_length)
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                         processing_class=tokenizer, callbacks=callbacks(cfg.train, run_.dir, val_ds is not None))
+                         processing_class=tokenizer,
+                         callbacks=callbacks(cfg.train, run_.dir, val_ds is not None) + [release_memory_callback()])
     fast_reference(trainer)
     compact_lm_head(trainer.model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    if cfg.data.padding_free and not pack_rows(trainer.model, probe_batch(trainer)):
+        log.info("dpo: padded batches (packing needs the compact CPU LM head and attention that keeps packed "
+                 "sequences apart); data.padding_free=false silences this")
     if trainer.ref_model is not None:
         compact_lm_head(trainer.ref_model)
     # No evaluation before training: with a fresh adapter the policy IS the reference, so every implicit reward
@@ -193,8 +204,16 @@ def run(cfg: Config) -> Path:
         print(f"dpo: validation loss {after['eval_loss']:.4f}{start}, reward accuracy "
               f"{after.get('eval_rewards/accuracies', float('nan')):.3f}, margin "
               f"{after.get('eval_rewards/margins', float('nan')):.3f}", flush=True)
-    print(f"dpo: model saved to {out}", flush=True)
+    log.info(f"dpo: model saved to {out}")
     return run_.finish()
+
+
+def probe_batch(trainer: Any) -> dict[str, Any]:
+    """The first two training pairs as DPOTrainer batches them: input_ids, attention_mask, labels (completion)."""
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(min(2, len(trainer.train_dataset)))])
+    device = next(trainer.model.parameters()).device
+    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
+            "labels": batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100).to(device)}
 
 
 def fast_reference(trainer: Any) -> None:

@@ -9,6 +9,7 @@ and "the longer answer wins"); a reward model that does not beat both is reporte
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,8 @@ from align.data.importers import split_by_prompt
 from align.data.records import PreferenceRecord, read_preferences
 from align.errors import DataError
 from align.models.load import is_adapter, load_model, load_tokenizer, pick_dtype, resolve_model
+from align.models.memory import release_freed_memory, release_memory_callback
+from align.models.packed import padding_free_classifier
 from align.models.peft import PeftSettings, adalora_callback, count_parameters
 from align.models.policy import METHODS, check_method, load_policy, point_adapter_at
 from align.reward_model import (
@@ -43,6 +46,8 @@ from align.training import (
     trainer_kwargs,
 )
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class DataSettings:
@@ -52,6 +57,8 @@ class DataSettings:
                                      gt=0.0, lt=1.0)
     max_length: int = opt(512, "max tokens of prompt + response; longer pairs are dropped (or an error)", ge=8)
     on_too_long: Literal["drop", "error"] = opt("drop", "drop | error: what to do with pairs longer than max_length")
+    padding_free: bool = opt(True, "score each batch's sequences packed into one row (no compute or activation "
+                                   "memory on padding); used only where a check on two pairs gives the padded scores")
 
 
 @dataclass(frozen=True)
@@ -145,8 +152,8 @@ def run(cfg: Config) -> Path:
                          trust_remote_code=cfg.trust_remote_code, total_steps=total_steps(len(train_rows), cfg.train))
     model, trained_what = policy.model, policy.trained
     trainable, total = count_parameters(model)
-    print(f"reward: {len(train_rows)} train / {len(val_rows)} held-out pairs ({dropped + val_dropped} too long); "
-          f"peft.method={cfg.peft.method}: training {trained_what} — {trainable:,} of {total:,} parameters", flush=True)
+    log.info(f"reward: {len(train_rows)} train / {len(val_rows)} held-out pairs ({dropped + val_dropped} too long); "
+             f"peft.method={cfg.peft.method}: training {trained_what} — {trainable:,} of {total:,} parameters")
 
     args = RewardConfig(**trainer_kwargs(cfg.train, run_.dir, seed=cfg.seed, has_eval=True), **precision_flags(dtype),
                         max_length=None, disable_dropout=True,
@@ -154,16 +161,21 @@ def run(cfg: Config) -> Path:
     extra = [adalora_callback(model)] if cfg.peft.method == "adalora" else []
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                             eval_dataset=Dataset.from_list(val_rows), processing_class=tokenizer,
-                            callbacks=callbacks(cfg.train, run_.dir, True) + extra)
+                            callbacks=callbacks(cfg.train, run_.dir, True) + extra + [release_memory_callback()])
     if cfg.peft.method == "qlora":
         # TRL casts a quantized model's trainable weights to bf16 (fine for LoRA layers, which cast their input),
         # but the plain score Linear then meets the fp32 hidden states of the k-bit-prepared body.
         for name, p in trainer.model.named_parameters():
             if p.requires_grad and ".score." in f".{name}":
                 p.data = p.data.float()
+    if cfg.data.padding_free and not padding_free_classifier(trainer.model, probe_batch(train_rows, tokenizer,
+                                                                                      trainer.model)):
+        log.info("reward: padded batches (this model's attention mixes sequences packed into one row); "
+                 "data.padding_free=false silences this")
     checkpoint = last_checkpoint(run_.dir) if cfg.resume else None
     before = evaluate_before_training(trainer) if checkpoint is None else {}
     trainer.train(resume_from_checkpoint=checkpoint)
+    release_freed_memory()  # the reloads below reuse what training freed instead of stacking on top of it
     if not run_.is_main:  # multi-process: the main process saves and reports
         return run_.dir
 
@@ -189,8 +201,18 @@ def run(cfg: Config) -> Path:
               f"{m['heldout_baseline_loglik_ratio_accuracy']:.3f}, longer answer wins "
               f"{m['heldout_baseline_longer_wins_accuracy']:.3f}", flush=True)
     if warning:
-        print(f"reward: {warning}", flush=True)
+        log.warning(f"reward: {warning}")
     return run_.finish()
+
+
+def probe_batch(rows: list[dict[str, Any]], tokenizer: Any, model: Any) -> dict[str, Any]:
+    """The first two pairs as RewardTrainer batches them (input_ids + attention_mask, right-padded)."""
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)([
+        {"chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"]} for r in rows[:2]])
+    device = next(model.parameters()).device
+    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
 
 
 def save_model(model: Any, tokenizer: Any, base: Path, cfg: Config, run_: Run) -> None:
