@@ -281,6 +281,9 @@ def fail_active_runs(reason: str) -> None:
                 run.fail(reason)
         except OSError:
             _forget(run)
+    from align.tracking import close_open_trackers
+
+    close_open_trackers(failed=True)
 
 
 def _exception_chain(exc: BaseException | None) -> list[BaseException]:

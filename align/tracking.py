@@ -142,6 +142,17 @@ def run_identity(run_dir: Path) -> tuple[str, dict[str, Any]]:
     return stage or run_dir.name, (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
 
 
+_OPEN: list[Tracker] = []  # this process's trackers not closed yet: a failed run closes them (close_open_trackers)
+
+
+def close_open_trackers(failed: bool = True) -> None:
+    """End every tracker run this process still has open, marked failed (where the tracker has the notion): what
+    `runs.fail_active_runs` does for a run that ended in an error or a signal, so no MLflow / W&B run stays
+    `RUNNING` after a crash inside a Trainer (which has no callback for that)."""
+    for tracker in _OPEN.copy():
+        tracker.close(failed)
+
+
 class Tracker:
     """The trackers of one run. `Tracker.open(run_dir, report_to)`; then `log(metrics, step)`; `close()` at the
     end (or use it as a context manager). On processes other than the main one it logs nothing."""
@@ -160,7 +171,9 @@ class Tracker:
         check_trackers(list(report_to))
         names = dict.fromkeys((["tensorboard"] if tensorboard else []) + [n for n in report_to if n != "tensorboard"])
         stage, config = run_identity(Path(run_dir))
-        return cls([BACKENDS[n](Path(run_dir), stage, config) for n in names])
+        tracker = cls([BACKENDS[n](Path(run_dir), stage, config) for n in names])
+        _OPEN.append(tracker)
+        return tracker
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Finite numbers of `metrics` under their tracker names (`metric_name`) at `step` (default: one past
@@ -176,6 +189,8 @@ class Tracker:
         for backend in self.backends:
             backend.close(failed)
         self.backends = []
+        if self in _OPEN:
+            _OPEN.remove(self)
 
     def __enter__(self) -> Self:
         return self

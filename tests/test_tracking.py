@@ -40,6 +40,32 @@ def test_tensorboard_is_always_written_to_the_run_folder(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("reward/mean")] == [(1, 0.5), (2, 0.75)]
 
 
+def test_a_failed_run_closes_the_trackers_a_trainer_left_open(tmp_path, monkeypatch):
+    """A Trainer has no callback for a crash, so its tracker run stays open; the failure path that marks the run
+    `failed` (runs.fail_active_runs, what the CLI and the pipeline call) ends it too, marked failed."""
+    from align import runs, tracking
+
+    ended: list[bool] = []
+
+    class Backend:
+        def __init__(self, run_dir, stage, config):
+            pass
+
+        def log(self, values, step):
+            pass
+
+        def close(self, failed):
+            ended.append(failed)
+
+    monkeypatch.setitem(tracking.BACKENDS, "tensorboard", Backend)
+    left_open = Tracker.open(fake_run(tmp_path / "run"))  # as a TrainerCallback opens it, never closed
+    with Tracker.open(fake_run(tmp_path / "other")):  # closed by its own block: not closed twice
+        pass
+    assert ended == [False]
+    runs.fail_active_runs("RuntimeError: boom")
+    assert ended == [False, True] and left_open.backends == [] and tracking._OPEN == []
+
+
 def test_missing_tracker_package_is_a_config_error(monkeypatch):
     from align import tracking
 
