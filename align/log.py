@@ -67,6 +67,21 @@ def configure(*, quiet: bool = False, verbose: bool = False) -> None:
     debug, and third-party warnings back on)."""
     install(level_from(quiet, verbose))
     quiet_third_party(verbose=verbose)
+    if not progress_enabled():
+        third_party_bars_off()
+
+
+def third_party_bars_off() -> None:
+    """No progress bars from the Hub libraries either (transformers' weight loading, datasets' map, downloads) where
+    align draws none: in a log file, in CI, under --quiet, on other ranks. The Trainer's own bar follows
+    `progress_enabled()` through `trainer_kwargs`."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # read by transformers and datasets when they are imported after this
+    if "transformers" in sys.modules:  # imported already: its own switch
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def install(level: int) -> None:

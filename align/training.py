@@ -12,6 +12,7 @@ import torch
 
 from align.config import opt
 from align.errors import ConfigError
+from align.log import progress_enabled
 from align.tracking import TRACKERS_HELP, TrackerName, check_trackers
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def trainer_kwargs(t: TrainSettings, run_dir: Path, *, seed: int, has_eval: bool
         "metric_for_best_model": "eval_loss" if has_eval else None,
         "greater_is_better": False,
         "report_to": "none",  # TensorBoard (in the run folder) and train.report_to are attached in callbacks()
-        "disable_tqdm": not t.progress,
+        "disable_tqdm": not (t.progress and progress_enabled()),  # none in a log file, in CI, under --quiet
         "seed": seed,
         "data_seed": seed,
         "dataloader_num_workers": 0,

@@ -69,3 +69,24 @@ def test_progress_is_the_iterable_itself_when_disabled(monkeypatch):
     assert log.progress(items, total=3, desc="x") is items
     monkeypatch.setattr(log, "progress_enabled", lambda: True)
     assert list(log.progress(items, total=3, desc="x")) == items
+
+
+def test_no_third_party_bars_where_align_draws_none(monkeypatch):
+    """Where align draws no bar (a log file, CI, --quiet, other ranks), neither does the Trainer nor the Hub
+    libraries (transformers' weight loading, datasets' map, downloads)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    from align import log, training
+
+    settings = training.TrainSettings()
+    for shown in (True, False):
+        monkeypatch.setattr(training, "progress_enabled", lambda shown=shown: shown)
+        kwargs = training.trainer_kwargs(settings, Path("run"), seed=0, has_eval=False)
+        assert kwargs["disable_tqdm"] is (not shown)
+    try:
+        log.third_party_bars_off()
+        assert are_progress_bars_disabled() and not hf_logging.is_progress_bar_enabled()
+    finally:
+        enable_progress_bars()
+        hf_logging.enable_progress_bar()
