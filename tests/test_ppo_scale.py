@@ -10,6 +10,7 @@ import math
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -28,23 +29,14 @@ from align.rlhf.core import (
 )
 
 
-def on_two_processes(work: list[Callable[[Callable], torch.Tensor]]) -> list[torch.Tensor]:
-    """Run work[i](reduce) for i = 0, 1 in two threads, where reduce(x) is an all-reduce sum over both (what
-    torch.distributed.all_reduce does across processes): every call blocks until the other thread made its own."""
-    barrier, slots, results, errors = threading.Barrier(2, timeout=10), [None, None], [None, None], []
-
-    def reduce_for(i: int) -> Callable:
-        def reduce(x: torch.Tensor) -> torch.Tensor:
-            slots[i] = x.detach().clone()
-            barrier.wait()
-            total = slots[0] + slots[1]
-            barrier.wait()  # both have read the slots before either writes the next collective's
-            return total
-        return reduce
+def in_two_threads(work: Callable[[int], Any], barrier: threading.Barrier) -> list[Any]:
+    """[work(0), work(1)], run in two threads standing in for two processes; an error in one aborts `barrier` (so
+    the other stops waiting for it) and is raised here."""
+    results, errors = [None, None], []
 
     def target(i: int) -> None:
         try:
-            results[i] = work[i](reduce_for(i))
+            results[i] = work(i)
         except Exception as e:  # noqa: BLE001 - re-raised in the test's thread
             errors.append(e)
             barrier.abort()
@@ -57,6 +49,23 @@ def on_two_processes(work: list[Callable[[Callable], torch.Tensor]]) -> list[tor
     if errors:
         raise errors[0]
     return results
+
+
+def on_two_processes(work: list[Callable[[Callable], torch.Tensor]]) -> list[torch.Tensor]:
+    """Run work[i](reduce) for i = 0, 1 in two threads, where reduce(x) is an all-reduce sum over both (what
+    torch.distributed.all_reduce does across processes): every call blocks until the other thread made its own."""
+    barrier, slots = threading.Barrier(2, timeout=10), [None, None]
+
+    def reduce_for(i: int) -> Callable:
+        def reduce(x: torch.Tensor) -> torch.Tensor:
+            slots[i] = x.detach().clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()  # both have read the slots before either writes the next collective's
+            return total
+        return reduce
+
+    return in_two_threads(lambda i: work[i](reduce_for(i)), barrier)
 
 
 X = [[1.0, 2.0], [3.0, 0.0]]

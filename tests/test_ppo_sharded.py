@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_ppo_scale import in_two_threads  # two threads standing in for two processes
 from torch import nn
 
 from align.rlhf import sharded
@@ -156,22 +157,9 @@ def test_sharded_checkpoint_gathers_and_saves_accelerate_state_on_every_process(
             yield
 
     monkeypatch.setattr(sharded, "full_parameters", recording)
-    actor, barrier, log, errors = tiny_actor(), threading.Barrier(2, timeout=20), [], []
+    actor, barrier, log = tiny_actor(), threading.Barrier(2, timeout=20), []
     cfg = ppo.Config(output_dir=str(tmp_path), resume=True)
-
-    def process(rank: int) -> None:
-        try:
-            save(cfg, trainer(FakeAcc(rank, barrier, log), actor, tmp_path, "fsdp2"), 2)
-        except Exception as e:  # noqa: BLE001 - re-raised in the test's thread
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=process, args=(r,)) for r in range(2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors
+    in_two_threads(lambda rank: save(cfg, trainer(FakeAcc(rank, barrier, log), actor, tmp_path, "fsdp2"), 2), barrier)
     assert len(set(gathers)) == 2  # the gather ran on both processes, not on the main one alone
     assert sorted(e for e in log if e[0] == "save_state") == [("save_state", 0), ("save_state", 1)]
     step = tmp_path / "checkpoints" / "step-2"
