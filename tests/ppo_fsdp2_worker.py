@@ -5,12 +5,13 @@ unit per decoder layer, the rest in the root unit), as accelerate's FSDP2 prepar
 process: the old-policy and reference pass through the sharded model (`score_rollout`: log-probs, values,
 reference log-probs, entropy) must equal the unsharded model's, the gathered trainable state too, and a rollout
 copy refreshed by `sync_rollout_copy` inside `full_parameters` must hold W + ΔW of every adapted layer. Writes rank-<r>.json to the
-folder given as argv[1] with what it found.
+folder given as argv[1] with what it found; argv[2] (optional): the backend, gloo (CPU) or nccl (a GPU per process).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def build() -> torch.nn.Module:
     return ActorCritic(policy)
 
 
-def main(out: Path) -> None:
+def main(out: Path, backend: str = "gloo") -> None:
     import copy
 
     from torch.distributed.fsdp import fully_shard
@@ -43,13 +44,17 @@ def main(out: Path) -> None:
     from align.rlhf.policy import Rollout, score_rollout, sync_rollout_copy
     from align.rlhf.sharded import full_parameters, gathered_trainable_state
 
-    dist.init_process_group("gloo")
+    dist.init_process_group(backend)
     rank = dist.get_rank()
-    model = build()
-    expected = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 3, 4, 10, 11]])
-    attn = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
-    rollout = Rollout(ids, attn, (attn.cumsum(-1) - 1).clamp(min=0), ids[:, -2:], torch.ones(2, 2))
+    device = torch.device("cpu")
+    if backend == "nccl":  # one GPU per process (make gpu-check)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    model = build().to(device)
+    expected = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 3, 4, 10, 11]], device=device)
+    attn = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]], device=device)
+    rollout = Rollout(ids, attn, (attn.cumsum(-1) - 1).clamp(min=0), ids[:, -2:], torch.ones(2, 2, device=device))
     whole = score_rollout(model, None, rollout, chunk=1)
     merged = copy.deepcopy(model.policy).merge_and_unload()
     clone = copy.deepcopy(merged)
@@ -71,7 +76,7 @@ def main(out: Path) -> None:
         "sharded": sharded,
         "scores_equal": all(torch.allclose(scored[k], whole[k], atol=1e-5) for k in whole),
         "same_names": sorted(state) == sorted(expected),
-        "state_equal": all(torch.equal(state[n], expected[n]) for n in expected),
+        "state_equal": all(torch.equal(state[n].cpu(), expected[n]) for n in expected),
         "copy_equal": all(torch.allclose(clone.get_submodule(n).weight, merged.get_submodule(n).weight, atol=1e-6)
                           for n in adapted),
         "adapted": len(adapted),
@@ -82,4 +87,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:3])  # [backend]: gloo (CPU, the default) or nccl

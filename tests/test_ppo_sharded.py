@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
 import sys
 import threading
 import types
@@ -39,12 +37,10 @@ def test_fsdp2_on_two_cpu_processes_scores_gathers_and_refreshes_the_rollout_cop
         tmp_path: Path) -> None:
     """torchrun, 2 processes, gloo: the model sharded with fully_shard (one unit per decoder layer + the root), as
     accelerate's FSDP2 preparation does; tests/ppo_fsdp2_worker.py reports what each process found."""
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           str(REPO / "tests" / "ppo_fsdp2_worker.py"), str(tmp_path)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    from align.bench.gpu_check import check_fsdp2  # make gpu-check's row (nccl there), here over gloo
+
+    assert "2 process(es) over gloo" in check_fsdp2(tmp_path, 2, "gloo", timeout=240)
+    found = [json.loads((tmp_path / "fsdp2" / f"rank-{r}.json").read_text()) for r in range(2)]
     assert any(f["sharded"] for f in found)  # the shards are real: some process holds less than the whole model
     for f in found:  # every process: the same old/reference numbers, the whole state, W + ΔW in its copy
         assert (f["scores_equal"], f["same_names"], f["state_equal"], f["copy_equal"], f["adapted"]) == (

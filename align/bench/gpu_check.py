@@ -8,7 +8,9 @@ bitsandbytes imports, ppo sampling from a bf16 copy (the logged log-prob mismatc
 vLLM sampler (generate, adapter swap, weight reload, log-probs) and a stacked SFT -> DPO -> online adapter chain
 served on its merged base with sleep mode and a measured shutdown, ppo on vLLM colocated (0.3 share, sleep) when
 vllm imports, and, when 2 GPUs exist, a 2-process ppo run under accelerate (stages/accelerate/ddp.yaml) whose first
-update is compared with a 1-process run on the same 8 prompts. Each stage runs through its
+update is compared with a 1-process run on the same 8 prompts, and PPO's sharded paths under real FSDP2 shards
+(tests/ppo_fsdp2_worker.py under torchrun, a process per GPU over nccl; gloo with 2 CPU processes in cpu=true mode).
+Each stage runs through its
 `run(cfg)` on its tiny recipe (stages/tiny/) in a temporary folder. A check whose packages are missing (trl,
 datasets, bitsandbytes, vllm, ...) is a SKIP row that names them, not a failure.
 Without CUDA it prints one "no GPU" row and exits 0; `cpu=true` runs the same stage checks on the CPU instead
@@ -312,6 +314,27 @@ def check_two_processes(ctx: Ctx, timeout: int) -> str:
     return finished(two) + f"; 2 processes, max |Δ weight| vs 1 process {diff:.1g}"
 
 
+def check_fsdp2(work: Path, processes: int, backend: str, timeout: int) -> str:
+    """PPO's sharded paths under real FSDP2 shards (tests/ppo_fsdp2_worker.py under torchrun: nccl with a GPU per
+    process, or gloo on the CPU): on every process the old/reference scores through the sharded model, the gathered
+    trainable state and the refreshed rollout copy equal the unsharded model's."""
+    out = work / "fsdp2"
+    out.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                           str(ROOT / "tests" / "ppo_fsdp2_worker.py"), str(out), backend],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"exit {done.returncode}: {(done.stderr or done.stdout).strip()[-400:]}")
+    found = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(processes)]
+    bad = sorted({k for f in found for k in ("scores_equal", "same_names", "state_equal", "copy_equal") if not f[k]})
+    if processes > 1 and not any(f["sharded"] for f in found):
+        bad.append("no process holds a shard")
+    if bad or any(f["adapted"] != 4 or f["resharded"] != "DTensor" for f in found):
+        raise RuntimeError(f"differs from the unsharded model: {', '.join(bad) or found}")
+    return f"{processes} process(es) over {backend}: scores, gathered state and rollout copy equal the unsharded model"
+
+
 # ---- the table ----
 
 def missing(*modules: str) -> list[str]:
@@ -382,6 +405,8 @@ def main(argv: list[str]) -> int:
             ("ppo on vllm colocated", ("vllm",), no_cuda, lambda: check_ppo_vllm(ctx)),
             ("ppo 2 processes = 1", (), "" if gpus >= 2 else f"needs 2 GPUs ({gpus} here)",
              lambda: check_two_processes(ctx, cfg.timeout)),
+            ("ppo fsdp2 shards", (), "", lambda: check_fsdp2(work, max(gpus, 1) if cuda else 2,
+                                                              "nccl" if cuda else "gloo", cfg.timeout)),
         ]
         rows += [run_check(name, needs, why_not, fn) for name, needs, why_not, fn in checks]
     print_table(rows)
