@@ -90,8 +90,18 @@ def trainer_kwargs(t: TrainSettings, run_dir: Path, *, seed: int, has_eval: bool
         "save_only_model": False,
     }
     # TRL turns checkpointing on by default; we choose explicitly (prefix tuning breaks under it).
-    kwargs["activation_checkpointing"] = t.gradient_checkpointing
+    kwargs[checkpointing_field()] = t.gradient_checkpointing
     return kwargs
+
+
+def checkpointing_field() -> str:
+    """The TrainingArguments field that turns activation checkpointing on: `activation_checkpointing` in the
+    transformers releases that renamed it (the old name is a deprecated alias there, to go in v6); before them only
+    `gradient_checkpointing` exists and the new name is an unknown keyword (transformers 5.17 raised on it)."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
 
 def padding_free_matches(model: Any, rows: list[dict[str, Any]]) -> bool:

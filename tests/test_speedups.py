@@ -496,3 +496,19 @@ def test_loaded_models_project_a_sliced_head_input_with_one_matmul(tiny_model):
     slow, bmm_without = head_ops()
     assert bmm_with_hook < bmm_without
     torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+
+
+def test_trainer_kwargs_name_only_fields_the_installed_transformers_has(monkeypatch, tmp_path):
+    """transformers renamed gradient_checkpointing to activation_checkpointing; a release before the rename
+    (5.17, on a GPU image) raised TypeError on the new name in every Trainer stage."""
+    from transformers import TrainingArguments
+
+    from align import training
+
+    settings = training.TrainSettings(gradient_checkpointing=True)
+    kwargs = training.trainer_kwargs(settings, tmp_path, seed=0, has_eval=False)
+    assert set(kwargs) <= set(TrainingArguments.__dataclass_fields__)
+    before_rename = {k: v for k, v in TrainingArguments.__dataclass_fields__.items() if k != "activation_checkpointing"}
+    monkeypatch.setattr(TrainingArguments, "__dataclass_fields__", before_rename)
+    kwargs = training.trainer_kwargs(settings, tmp_path, seed=0, has_eval=False)
+    assert kwargs["gradient_checkpointing"] is True and "activation_checkpointing" not in kwargs

@@ -25,4 +25,4 @@ trainer = RewardTrainer(
 runtime = trainer.train().metrics["train_runtime"]
 pairs = trainer.state.global_step * a.batch
 report(pairs_per_second=pairs / runtime, train_runtime=runtime, pairs_seen=pairs,
-       activation_checkpointing=trainer.args.activation_checkpointing, bf16=trainer.args.bf16)
+       activation_checkpointing=getattr(trainer.args, "activation_checkpointing", trainer.args.gradient_checkpointing), bf16=trainer.args.bf16)

@@ -25,4 +25,4 @@ runtime = trainer.train().metrics["train_runtime"]
 lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
 mean, seen = sum(lengths) / len(lengths), trainer.state.global_step * a.batch
 report(tokens_per_second=seen * mean / runtime, train_runtime=runtime, examples_seen=seen, mean_tokens=mean,
-       activation_checkpointing=trainer.args.activation_checkpointing, bf16=trainer.args.bf16)
+       activation_checkpointing=getattr(trainer.args, "activation_checkpointing", trainer.args.gradient_checkpointing), bf16=trainer.args.bf16)
