@@ -190,3 +190,82 @@ def test_vllm_adapter_swap_weight_reload_and_logprobs(tiny_model: Path, tokenize
         assert all(len(s.logprobs) == len(s.response_ids) and max(s.logprobs) <= 0 for g in out for s in g)
     sampler.load_weights(make_tiny_model(tmp_path / "full", tokenizer_dir, seed=1))
     assert [len(g) for g in sampler.generate(PROMPTS[:2], params, n=2)] == [2, 2]
+
+
+def both_paths(sampler, monkeypatch, prompts, params, n=1, seeds=None):
+    """The same call through `decode` (finished rows leave the batch) and through `generate` (they stay)."""
+    from align.generation import hf
+
+    dropped = sampler.generate(prompts, params, n=n, seeds=seeds)
+    monkeypatch.setattr(hf, "can_drop_rows", lambda model: False)
+    kept = sampler.generate(prompts, params, n=n, seeds=seeds)
+    monkeypatch.undo()
+    return dropped, kept
+
+
+@pytest.fixture(scope="module")
+def lively(tiny_model: Path):
+    """The tiny model's shape with larger random weights (initializer_range 0.2), whose answers depend on the
+    prompt (with the default init its greedy answer repeats one token), and an EOS chosen by `end_with`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from align.generation.hf import HFSampler
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.initializer_range = 0.2
+    torch.manual_seed(0)
+    return HFSampler(AutoModelForCausalLM.from_config(config).eval(), AutoTokenizer.from_pretrained(tiny_model),
+                     logprobs=True)
+
+
+def end_with(sampler, params, seeds=None) -> None:
+    """Make the 3rd token of prompt 0's answer the sampler's EOS, so that row ends early and others do not."""
+    sampler.eos_ids = {-1}  # never: the whole answer
+    first = sampler.generate(PROMPTS[:1], params, seeds=seeds)[0][0].response_ids
+    sampler.eos_ids = {first[2]}
+
+
+def test_decode_drops_finished_rows_and_keeps_greedy_tokens(lively, monkeypatch) -> None:
+    params = SamplingSettings(temperature=0.0, max_new_tokens=12, batch_size=8)
+    end_with(lively, params)
+    widths: list[int] = []  # rows per forward
+    hook = lively.model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        dropped, kept = both_paths(lively, monkeypatch, PROMPTS, params, n=2)
+    finally:
+        hook.remove()
+    for a_group, b_group in zip(dropped, kept):
+        for a, b in zip(a_group, b_group):
+            assert a.response_ids == b.response_ids and a.finished == b.finished and a.text == b.text
+    assert dropped[0][0].finished and len(dropped[0][0].response_ids) <= 3
+    assert any(not s.finished for group in dropped for s in group)  # other rows ran to the limit
+    assert widths[-12:] == [6] * 12  # generate: every row in each of its 12 forwards
+    decoded = widths[:-12]
+    assert decoded[:2] == [6, 6] and decoded[-1] == 4  # prompt 0's two rows left the batch when they ended
+    assert len(decoded) == 12  # prefill + 11 steps (the 12th token needs no forward)
+
+
+def test_decode_samples_the_same_tokens_and_logprobs_per_row_seed(lively, monkeypatch) -> None:
+    params = SamplingSettings(temperature=1.0, top_p=0.9, max_new_tokens=12, batch_size=8)
+    end_with(lively, params, seeds=[5])
+    dropped, kept = both_paths(lively, monkeypatch, PROMPTS, params, n=3, seeds=[5, 6, 7])
+    for a_group, b_group in zip(dropped, kept):
+        for a, b in zip(a_group, b_group):
+            assert a.response_ids == b.response_ids and a.finished == b.finished
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert dropped[0][0].finished and any(not s.finished for group in dropped for s in group)
+
+
+def test_prompt_learning_models_decode_through_generate(tiny_model: Path) -> None:
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from align.generation.hf import can_drop_rows
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert can_drop_rows(base)
+    assert can_drop_rows(get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not can_drop_rows(get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)))

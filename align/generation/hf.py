@@ -6,6 +6,12 @@ over the whole vocabulary, every step — on a CPU with the default model's 49k 
 TopPLogitsWarper) from the top candidates only and draws among them by inverse CDF (`draw`); `generate` runs
 greedy on the one-hot result.
 Same distribution, not the same random stream: samples differ from `do_sample=True` ones for the same seed.
+
+Decoding is ours too where the model allows it (`decode`): `generate` keeps every row of a batch in every step
+until the longest one ends, so a batch whose answers end at 20 and at 80 tokens computes 80 steps for all of them;
+`decode` drops a row from the batch and from the KV cache as soon as it ends, and computes the LM head over the
+prompt's last position only. Greedy rows are the same tokens as `generate`'s; sampled rows with per-row seeds are
+the same tokens as when nothing was dropped (each row draws from its own stream).
 """
 
 from __future__ import annotations
@@ -82,6 +88,71 @@ def chat_prompt_ids(tokenizer: Any, prompt: list[Message]) -> list[int]:
     return chat_ids(tokenizer, prompt, add_generation_prompt=True)
 
 
+def can_drop_rows(model: Any) -> bool:
+    """Can `decode` run this model: a causal LM (or a PEFT model of one) whose cache is transformers' dynamic cache.
+    Prompt learning (prefix/prompt tuning: PEFT feeds its own virtual tokens) and X-LoRA (a scaling pass of its own
+    per forward) decode through `generate`."""
+    config = getattr(model, "peft_config", None)
+    if config is not None:
+        active = config.get(getattr(model, "active_adapter", "default"))
+        if active is None or active.is_prompt_learning or type(active).__name__.startswith("XLora"):
+            return False
+    return not getattr(model.config, "is_encoder_decoder", False)
+
+
+def cache_argument(model: Any) -> str:
+    """The forward argument that takes the KV cache: `cache` where transformers renamed it (5.2x; the old name
+    warns there and goes in 5.40), `past_key_values` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def decode(model: Any, input_ids: torch.Tensor, attention: torch.Tensor, params: SamplingSettings,
+           generators: list[torch.Generator] | None, eos_ids: set[int], *,
+           logprobs: bool = False) -> tuple[list[list[int]], list[list[float]] | None]:
+    """New tokens per row of a left-padded batch (and, with `logprobs`, each drawn token's log-prob, as
+    `nucleus_processor` records them): greedy at temperature 0, else `draw_tokens`. A row leaves the batch (and
+    its keys/values the cache) at its first EOS token; the loop ends when no row is left or after
+    `params.max_new_tokens` tokens."""
+    from transformers import DynamicCache
+
+    live = torch.arange(input_ids.shape[0], device=input_ids.device)  # batch row -> original row
+    tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    scores_out: list[list[float]] | None = [[] for _ in range(input_ids.shape[0])] if logprobs else None
+    position = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    cache = {cache_argument(model): DynamicCache(config=model.config)}  # the same object every step, filled in place
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position, use_cache=True,
+                   logits_to_keep=1, **cache).logits[:, -1]
+    position = position[:, -1:]
+    for step in range(params.max_new_tokens):
+        if params.temperature > 0:
+            rows_generators = None if generators is None else [generators[i] for i in live.tolist()]
+            token = draw_tokens(logits, params.temperature, params.top_p, rows_generators)
+        else:
+            token = logits.argmax(-1)
+        chosen = token.tolist()
+        drawn = token_logprobs(logits, token, params.temperature, params.top_p).tolist() if logprobs else None
+        for j, row in enumerate(live.tolist()):
+            tokens[row].append(chosen[j])
+            if scores_out is not None and drawn is not None:
+                scores_out[row].append(drawn[j])
+        going = torch.tensor([t not in eos_ids for t in chosen], device=token.device)
+        if step == params.max_new_tokens - 1 or not bool(going.any()):
+            break
+        if not bool(going.all()):
+            keep = going.nonzero()[:, 0]
+            live, token, attention, position = live[keep], token[keep], attention[keep], position[keep]
+            for layer in next(iter(cache.values())).layers:
+                layer.batch_select_indices(keep)
+        attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=-1)
+        position = position + 1
+        logits = model(input_ids=token[:, None], attention_mask=attention, position_ids=position, use_cache=True,
+                       **cache).logits[:, -1]
+    return tokens, scores_out
+
+
 class HFSampler:
     """Sampler over a live (PEFT) model. logprobs: fill Sample.logprobs with the log-prob of each sampled token
     under the distribution it was drawn from (the sampling model's own, in its dtype), as VLLMSampler does; PPO
@@ -121,12 +192,17 @@ class HFSampler:
             record: list[torch.Tensor] | None = [] if self.return_logprobs and params.temperature > 0 else None
             sample = ([nucleus_processor(params.temperature, params.top_p, record, generators)]
                       if params.temperature > 0 else [])
-            out = self.model.generate(
-                input_ids=input_ids, attention_mask=attention, max_new_tokens=params.max_new_tokens,
-                do_sample=False, logits_processor=LogitsProcessorList(sample), pad_token_id=pad_id,
-                eos_token_id=list(self.eos_ids), use_cache=True)
-            steps = torch.stack(record, dim=1).tolist() if record else None  # [rows, new tokens]
-            for k, (ids, row) in enumerate(zip(batch, out[:, width:].tolist())):
+            if can_drop_rows(self.model):
+                rows, steps = decode(self.model, input_ids, attention, params, generators, self.eos_ids,
+                                     logprobs=record is not None)
+            else:
+                out = self.model.generate(
+                    input_ids=input_ids, attention_mask=attention, max_new_tokens=params.max_new_tokens,
+                    do_sample=False, logits_processor=LogitsProcessorList(sample), pad_token_id=pad_id,
+                    eos_token_id=list(self.eos_ids), use_cache=True)
+                rows = out[:, width:].tolist()
+                steps = torch.stack(record, dim=1).tolist() if record else None  # [rows, new tokens]
+            for k, (ids, row) in enumerate(zip(batch, rows)):
                 cut = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
                 response = row if cut is None else row[: cut + 1]
                 text = self.tokenizer.decode(response, skip_special_tokens=True).strip()
