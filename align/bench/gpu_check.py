@@ -3,16 +3,16 @@ carry), in a few minutes on one GPU. Prints a table; exit code 1 when a check fa
 
     make gpu-check                          (python -m align.bench.gpu_check [key=value ...])
 
-Checks: sft in bf16, reward, dpo, ppo (dtype auto, i.e. bf16 on a GPU that has it), sft and ppo with QLoRA when
-bitsandbytes imports, ppo sampling from a bf16 copy (the logged log-prob mismatch is non-zero, ppo.tis_cap on), the
-vLLM sampler (generate, adapter swap, weight reload, log-probs) and a stacked SFT -> DPO -> online adapter chain
-served on its merged base with sleep mode and a measured shutdown, ppo on vLLM colocated (0.3 share, sleep) when
-vllm imports, and, when 2 GPUs exist, a 2-process ppo run under accelerate (stages/accelerate/ddp.yaml) whose first
-update is compared with a 1-process run on the same 8 prompts, and PPO's sharded paths under real FSDP2 shards
-(tests/ppo_fsdp2_worker.py under torchrun, a process per GPU over nccl; gloo with 2 CPU processes in cpu=true mode).
-Each stage runs through its
-`run(cfg)` on its tiny recipe (stages/tiny/) in a temporary folder. A check whose packages are missing (trl,
-datasets, bitsandbytes, vllm, ...) is a SKIP row that names them, not a failure.
+Checks: sft in bf16, reward, dpo, the hf sampler's decoding loop against `generate` (bf16), ppo (dtype auto, i.e.
+bf16 on a GPU that has it), sft and ppo with QLoRA when bitsandbytes imports, ppo sampling from a bf16 copy (the
+logged log-prob mismatch is non-zero, ppo.tis_cap on), the vLLM sampler (generate, adapter swap, weight reload,
+log-probs) and a stacked SFT -> DPO -> online adapter chain served on its merged base with sleep mode and a measured
+shutdown, ppo on vLLM colocated (0.3 share, sleep) when vllm imports, and, when 2 GPUs exist, a 2-process ppo run
+under accelerate (stages/accelerate/ddp.yaml) whose first update is compared with a 1-process run on the same 8
+prompts, and PPO's sharded paths under real FSDP2 shards (tests/ppo_fsdp2_worker.py under torchrun, a process per
+GPU over nccl; gloo with 2 CPU processes in cpu=true mode). Each stage runs through its `run(cfg)` on its tiny
+recipe (stages/tiny/) in a temporary folder. A check whose packages are missing (trl, datasets, bitsandbytes, vllm,
+...) is a SKIP row that names them, not a failure.
 Without CUDA it prints one "no GPU" row and exits 0; `cpu=true` runs the same stage checks on the CPU instead
 (float32; QLoRA, vLLM and the 2-process run are skipped), to try this script on a machine without a GPU.
 """
@@ -183,6 +183,43 @@ def ppo_overrides(ctx: Ctx, name: str, method: str = "lora") -> list[str]:
 
 def check_ppo(ctx: Ctx, method: str = "lora") -> str:
     return run_stage(ctx, "ppo", "ppo", ppo_overrides(ctx, "ppo-" + method, method))
+
+
+def check_decode(ctx: Ctx) -> str:
+    """The hf sampler's own decoding loop (finished rows leave the batch and the KV cache) against `generate` on the
+    device, in the dtype sampling uses there: the same greedy tokens, and the same sampled tokens and log-probs with
+    per-row seeds, with an EOS that ends some rows early."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.generation import SamplingSettings, hf
+
+    dtype = torch.bfloat16 if ctx.cuda else torch.float32
+    device = "cuda" if ctx.cuda else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(ctx.model, dtype=dtype).to(device).eval()
+    sampler = hf.HFSampler(model, AutoTokenizer.from_pretrained(ctx.model), logprobs=True)
+    prompts = [[{"role": "user", "content": text}] for text in CORPUS]
+    details = []
+    for params, seeds in ((SamplingSettings(temperature=0.0, max_new_tokens=16, batch_size=8), None),
+                          (SamplingSettings(temperature=1.0, top_p=0.9, max_new_tokens=16, batch_size=8),
+                           list(range(len(prompts))))):
+        sampler.eos_ids = {-1}
+        first = sampler.generate(prompts[:1], params, seeds=seeds[:1] if seeds else None)[0][0].response_ids
+        sampler.eos_ids = {first[3]}  # ends prompt 0 early, not necessarily the others
+        decoded = [g[0] for g in sampler.generate(prompts, params, seeds=seeds)]
+        original, hf.can_drop_rows = hf.can_drop_rows, lambda m: False
+        try:
+            generated = [g[0] for g in sampler.generate(prompts, params, seeds=seeds)]
+        finally:
+            hf.can_drop_rows = original
+        if [s.response_ids for s in decoded] != [s.response_ids for s in generated]:
+            raise RuntimeError(f"temperature {params.temperature}: decode and generate chose different tokens")
+        gap = max((abs(a - b) for x, y in zip(decoded, generated) if x.logprobs and y.logprobs
+                   for a, b in zip(x.logprobs, y.logprobs)), default=0.0)
+        ended = sum(s.finished for s in decoded)
+        details.append(f"t={params.temperature:g}: same tokens, {ended}/{len(decoded)} rows ended early"
+                       + (f", max |Δ log-prob| {gap:.2g}" if seeds else ""))
+    return "; ".join(details) + f" ({str(dtype).removeprefix('torch.')})"
 
 
 def check_vllm(ctx: Ctx) -> str:
@@ -395,6 +432,7 @@ def main(argv: list[str]) -> int:
             ("sft lora " + ("bf16" if cuda else "fp32"), ("trl", "datasets"), no_bf16, lambda: check_sft(ctx)),
             ("reward", ("trl", "datasets"), "", lambda: check_reward(ctx)),
             ("dpo", ("trl", "datasets"), "", lambda: check_dpo(ctx)),
+            ("hf decode = generate", (), no_bf16, lambda: check_decode(ctx)),
             ("ppo lora", (), "", lambda: check_ppo(ctx)),
             ("sft qlora", ("trl", "datasets", "bitsandbytes"), no_cuda or no_bf16,
              lambda: check_sft(ctx, "qlora")),
