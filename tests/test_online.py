@@ -165,3 +165,16 @@ def test_judge_agreement_is_measured_on_the_heldout_pairs(tmp_path: Path, human_
     check = online.judge_agreement(cfg, tmp_path / "check" / "judge")
     assert check == {"agreement": 1.0, "decided": 6, "pairs": 6, "source": str(human_pairs)}
     assert online.judge_agreement(load_config(online.Config, TINY, []), tmp_path / "none") is None  # no humans
+
+
+def test_rounds_share_one_judge_cache_so_the_human_pairs_are_judged_once(
+        toy_policy: Path, tmp_path: Path, human_pairs: Path, one_thread: None) -> None:
+    """The judge check and every round measure the judge on the same human pairs; only the first asks the judge."""
+    out = online.run(load_config(online.Config, TINY, args(toy_policy, tmp_path / "run", "eval.size=0", "rounds=2",
+                                                          f"judge.heldout={human_pairs}", f"human={human_pairs}")))
+    check = json.loads((out / "judge-check" / "judge" / "manifest.json").read_text())["metrics"]
+    rounds = [json.loads((out / f"round-{r}" / "judge" / "manifest.json").read_text())["metrics"] for r in (1, 2)]
+    assert check["cached_judgements"] == 0 and check["human_pairs"] == 6
+    for metrics in rounds:  # 6 pairs = 12 responses scored, all from the check's verdicts
+        assert metrics["cached_judgements"] >= 12 and metrics["human_agreement"] == check["human_agreement"]
+    assert (out / "judge-cache" / "judge_cache.jsonl").is_file()

@@ -132,12 +132,23 @@ def round_settings(cfg: Config, r: int, policy: str, rdir: Path) -> dict[str, di
                 "sampling": to_dict(cfg.sampling), "engine": {"backend": "auto", "dtype": cfg.dtype}}
     judge = {"samples": str(rdir / "generate"), "judge": cfg.judge.spec, "judge_options": dict(cfg.judge.options),
              "pairing": "best_worst", "min_margin": cfg.judge.min_margin, "seed": cfg.seed + r,
-             "max_failure_rate": cfg.judge.max_failure_rate, **({"human": cfg.human} if cfg.human else {})}
+             "max_failure_rate": cfg.judge.max_failure_rate, "cache_dir": str(judge_cache(rdir.parent)),
+             **({"human": cfg.human} if cfg.human else {})}
     prefs = {"inputs": [str(rdir / "judge")] + ([cfg.human] if cfg.human_mix else []), "validation": []}
     dpo = {"policy": policy, "seed": cfg.seed + r, "dtype": cfg.dtype,
            "data": {"train": str(rdir / "preferences"), "validation": "", "validation_fraction": 0.0},
            "dpo": to_dict(cfg.dpo), "peft": to_dict(cfg.peft), "train": to_dict(cfg.train), "eval": {"size": 0}}
     return {"generate": generate, "judge": judge, "preferences": prefs, "dpo": dpo}
+
+
+def judge_cache(run_dir: Path) -> Path:
+    """One judge cache for the whole online run: the judge check and every round ask the same judge about the same
+    human pairs (each round re-measures its agreement with them), and a verdict is keyed on the judge's identity and
+    the exact prompt and responses, so only new samples cost a judgement (with the 135M reward model as judge the
+    human pairs were ~110 s of each ~300 s round)."""
+    out = run_dir / "judge-cache"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def held_out(cfg: Config, start: Path, policy: Path) -> dict[str, float]:
@@ -178,7 +189,7 @@ def judge_agreement(cfg: Config, out: Path) -> dict[str, float] | None:
         {"prompt": [{"role": "user", "content": "(judge check: no samples)"}], "responses": [""]}) + "\n")
     settings = {"samples": str(out.parent / "no-samples.jsonl"), "judge": cfg.judge.spec,
                 "judge_options": dict(cfg.judge.options), "human": str(human), "seed": cfg.seed,
-                "max_failure_rate": cfg.judge.max_failure_rate}
+                "max_failure_rate": cfg.judge.max_failure_rate, "cache_dir": str(judge_cache(out.parent.parent))}
     metrics = (read_manifest(substage("judge", out, settings)) or {}).get("metrics", {})
     return {"agreement": metrics.get("human_agreement", 0.0), "decided": metrics.get("human_decisive", 0.0),
             "pairs": metrics.get("human_pairs", 0.0), "source": str(human)}
