@@ -161,6 +161,12 @@ def test_recipes_wire_every_stage(recipe: str, tmp_path: Path) -> None:
     assert online.policy == str(tmp_path / "p" / cfg.online_from)  # online_from: sft, or dpo (stages/pipeline.yaml)
     if online.judge.spec == "reward_model":  # the online judge is the pipeline's reward model
         assert online.judge.options["path"] == str(tmp_path / "p" / "reward")
+    # the judge is checked on the held-out human pairs; the rounds get the human pairs only to mix them in
+    assert online.judge.heldout == str(tmp_path / "p" / "import") and online.human == ""
+    mixed = pipeline.plan(load_config(pipeline.Config, Path(recipe), [f"output_dir={tmp_path / 'p'}",
+                                                                      "steps.online.overrides.human_mix=true"]))
+    online = pipeline.step_config(mixed[pipeline.ORDER.index("online")])
+    assert online.human_mix and online.human == str(tmp_path / "p" / "import")
     with pytest.raises(Exception, match="unknown step"):
         pipeline.plan(load_config(pipeline.Config, Path(recipe), ["steps.nope.enabled=false"]))
 

@@ -111,7 +111,7 @@ def wiring(cfg: Config, root: Path, enabled: set[str]) -> dict[str, dict[str, An
     d = {name: str(root / name) for name in ORDER}
     policies = [name for name in ("ppo", "dpo", "online") if name in enabled]
     judge_spec = judge_of(cfg) if "judge" in enabled else None
-    online_judge = online_judge_of(cfg) if "online" in enabled else None
+    online_judge, human_mix = online_choices(cfg) if "online" in enabled else (None, False)
     training_judges = [j for j in (judge_spec, online_judge) if j]
     # the reward-model judge labels with the pipeline's reward model; its agreement is checked, before round 1, on
     # the human pairs the reward model was validated on, not trained on (import's valid split)
@@ -133,7 +133,10 @@ def wiring(cfg: Config, root: Path, enabled: set[str]) -> dict[str, dict[str, An
                 "eval": {"reward": {"model": d["reward"], "function": ""}}},
         "online": {"policy": d[cfg.online_from], "prompts": cfg.prompts,
                    "eval": {"prompts": cfg.eval_prompts, "reward": {"model": d["reward"], "function": ""}},
-                   **({"human": d["import"]} if "import" in enabled else {}),
+                   # the human pairs go to the rounds only to be mixed in: re-measuring the judge each round on
+                   # the pairs the reward model trained on cost ~100 s a round and tells nothing the check
+                   # before round 1 (on the held-out pairs) does not
+                   "human": d["import"] if "import" in enabled and human_mix else "",
                    **({"judge": online_judge_keys} if online_judge_keys else {})},
         "eval": {"sft": d["sft"], "policies": [d[p] for p in policies], "names": policies,
                  "reward_model": d["reward"], "prompts": cfg.eval_prompts, "training_judges": training_judges},
@@ -159,13 +162,16 @@ def judge_of(cfg: Config) -> str:
     return load_config(judge.Config, recipe_for(cfg, "judge", "judge"), flatten(step.overrides)).judge
 
 
-def online_judge_of(cfg: Config) -> str:
-    """The judge spec the online step's recipe (and overrides) name."""
+def online_choices(cfg: Config) -> tuple[str, bool]:
+    """The judge spec the online step's recipe (and overrides) name, and whether it mixes the human pairs into
+    every round (human_mix)."""
     from align.stages import online
 
     step = cfg.steps.get("online", Step())
-    overrides = [o for o in flatten(step.overrides) if o.startswith("judge.spec=")]
-    return load_config(online.Config, recipe_for(cfg, "online", "online"), overrides).judge.spec
+    overrides = [o for o in flatten(step.overrides) if o.startswith(("judge.spec=", "human_mix="))]
+    wired = [f"human={Path(cfg.output_dir) / 'import'}"]  # as wiring() sets it when mixing (human_mix needs it)
+    chosen = load_config(online.Config, recipe_for(cfg, "online", "online"), overrides + wired)
+    return chosen.judge.spec, chosen.human_mix
 
 
 def stage_entry(stage: str) -> tuple[type, Callable[[Any], Path]]:
