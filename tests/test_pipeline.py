@@ -171,6 +171,16 @@ def test_recipes_wire_every_stage(recipe: str, tmp_path: Path) -> None:
         pipeline.plan(load_config(pipeline.Config, Path(recipe), ["steps.nope.enabled=false"]))
 
 
+def test_the_demo_ppo_has_room_for_the_answers_eval_asks_for(tmp_path: Path) -> None:
+    """PPO penalises answers cut at its token limit; a limit below the evaluation's taught the demo policy brevity
+    before anything else (48 tokens: 62% of the SFT answers cut; README "PPO's token limit")."""
+    steps = pipeline.plan(load_config(pipeline.Config, Path("stages/pipeline.yaml"), [f"output_dir={tmp_path}"]))
+    ppo = pipeline.step_config(steps[pipeline.ORDER.index("ppo")])
+    evaluation = pipeline.step_config(steps[pipeline.ORDER.index("eval")])
+    assert ppo.shaping.missing_eos_penalty > 0
+    assert ppo.sampling.max_new_tokens >= evaluation.sampling.max_new_tokens
+
+
 def test_disabled_policy_is_left_out_of_eval(tmp_path: Path) -> None:
     cfg = load_config(pipeline.Config, Path("stages/tiny/pipeline.yaml"),
                       [f"output_dir={tmp_path}", "steps.dpo.enabled=false", "steps.online.enabled=false",
