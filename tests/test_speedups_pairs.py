@@ -154,9 +154,13 @@ def dpo_batch(vocab: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 
 
-def test_dpo_packed_rows_give_the_padded_loss_and_gradients(tiny_model, one_thread):
+@pytest.mark.parametrize("row_tokens, positions", [(256, 33), (12, 36)])  # one row of 33; rows [12], [9], [7, 5]
+def test_dpo_packed_rows_give_the_padded_loss_and_gradients(tiny_model, one_thread, monkeypatch, row_tokens,
+                                                            positions):
+    from align.models import packed
     from align.models.lm_head import pack_rows
 
+    monkeypatch.setattr(packed, "ROW_TOKENS", row_tokens)
     model = dpo_twin(tiny_model)
     batch = dpo_batch(model.config.vocab_size)
     model.train()
@@ -167,7 +171,7 @@ def test_dpo_packed_rows_give_the_padded_loss_and_gradients(tiny_model, one_thre
         lambda module, args, out: seen.append(args[0].numel()))
     loss, lp, grads = dpo_loss_and_grads(model, batch)
     hook.remove()
-    assert seen == [33, 33]  # reference and policy passes: the 33 real tokens of 4 x 12, no padding
+    assert seen == [positions, positions]  # reference and policy passes: the 33 real tokens of 4 x 12 (+ row tails)
     # fp32, the same sums in another order: ~1e-7 relative; per-token log-probs are ~ -10 (a 49k vocabulary)
     torch.testing.assert_close(lp, plain_lp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-7)
@@ -187,3 +191,96 @@ def test_dpo_packing_refused_when_packed_sequences_mix(tiny_model, one_thread, m
     monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)  # one causal row
     assert pack_rows(model, dpo_batch(model.config.vocab_size)) is False
     assert getattr(model.get_base_model(), PACK_FLAG) is False
+
+
+# ---- packed rows (align.models.packed.segments_body): several rows, not one, with the padded pass's numbers ----
+
+
+def test_row_plan_fills_rows_evenly_longest_first():
+    from align.models.packed import row_plan
+
+    # 38 tokens / 10 -> 4 rows; 12, 9, 7, 5 open them; 3 joins the 5 (lightest), 2 joins the 7 (then lightest)
+    assert row_plan([5, 9, 3, 7, 12, 2], 10) == [[4], [1], [3, 5], [0, 2]]
+    assert row_plan([3, 4, 2], 256) == [[1, 0, 2]]
+    assert row_plan([300, 5], 256) == [[0], [1]]  # never more rows than sequences; a long one gets its own
+
+
+def both_sides_padded(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Five sequences of 6, 9, 4, 11 and 7 tokens in rows of 14, left and right padded (as PPO rollouts are)."""
+    gen = torch.Generator().manual_seed(4)
+    left, lengths = torch.tensor([3, 0, 5, 2, 7]), torch.tensor([6, 9, 4, 11, 7])
+    cols = torch.arange(14)
+    keep = (cols >= left[:, None]) & (cols < (left + lengths)[:, None])
+    return torch.randint(3, vocab, (5, 14), generator=gen).masked_fill(~keep, 0), keep
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_packed_rows_give_the_padded_hidden_states_and_gradients(tiny_model, one_thread, monkeypatch, leak):
+    import transformers.masking_utils as masking
+    from transformers import AutoModelForCausalLM
+
+    from align.models import packed
+
+    monkeypatch.setattr(packed, "ROW_TOKENS", 12)  # 37 / 12 -> rows [11], [9], [7], [6, 4]: one with two
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ids, keep = both_sides_padded(model.config.vocab_size)
+    weights = torch.randn(*ids.shape, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+
+    def hidden_and_grads(run):
+        model.zero_grad()
+        hidden = run()
+        (hidden * weights)[keep].sum().backward()
+        return hidden.detach()[keep], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
+    plain, plain_grads = hidden_and_grads(lambda: model.model(input_ids=ids, attention_mask=keep.long(),
+                                                              position_ids=positions).last_hidden_state)
+    if leak:  # attention that ignores the packed boundaries: what the check must tell apart
+        monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    shapes: list[tuple[int, ...]] = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    hidden, grads = hidden_and_grads(lambda: packed.packed_body(model.model, ids, keep))
+    hook.remove()
+    assert shapes == [(4, 11)]  # 37 real tokens in 4 rows of 11, instead of 5 x 14 padded or 1 x 37
+    close = torch.allclose(hidden, plain, rtol=1e-5, atol=1e-5)
+    assert close is not leak
+    if not leak:
+        for name, g in grads.items():  # fp32 sums in another order: ~1e-6 of each tensor's norm
+            assert (g - plain_grads[name]).norm() <= 1e-5 * plain_grads[name].norm(), name
+
+
+def test_trls_padding_free_batch_runs_in_rows_with_trls_numbers(tiny_model, one_thread, monkeypatch):
+    from test_speedups import lora_grads, packed_rows, twin_models
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from align.models import packed
+
+    monkeypatch.setattr(packed, "ROW_TOKENS", 16)  # 33 / 16 -> rows 15 | 11 | 7: TRL's one row of 33 re-laid
+    trl, ours = twin_models(tiny_model)
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(packed_rows())
+    assert packed.packed_lengths(batch["input_ids"], batch["position_ids"]) == [11, 7, 15]
+    shapes: list[tuple[int, ...]] = []
+    ours.get_base_model().model.embed_tokens.register_forward_hook(
+        lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    outs = []
+    for model in (trl, ours):
+        model.zero_grad()
+        out = model(**batch, fused_lm_head=True, use_cache=False)
+        out.loss.backward()
+        outs.append((out, lora_grads(model)))
+    assert shapes == [(3, 15)]
+    (a, a_grads), (b, b_grads) = outs
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.log_probs, a.log_probs, rtol=1e-5, atol=1e-5)
+    for name, g in b_grads.items():
+        assert (g - a_grads[name]).norm() <= 1e-5 * a_grads[name].norm(), name
+
+
+def test_packed_lengths_reads_only_trls_one_row_layout():
+    from align.models.packed import packed_lengths
+
+    ids = torch.zeros(1, 7, dtype=torch.long)
+    assert packed_lengths(ids, torch.tensor([[0, 1, 2, 0, 1, 0, 1]])) == [3, 2, 2]
+    assert packed_lengths(ids, torch.tensor([[1, 2, 3, 0, 1, 0, 1]])) is None  # does not start a sequence
+    assert packed_lengths(ids, torch.tensor([[0, 1, 3, 0, 1, 0, 1]])) is None  # a gap inside a sequence
+    assert packed_lengths(torch.zeros(2, 3, dtype=torch.long), torch.tensor([[0, 1, 2], [0, 1, 2]])) is None

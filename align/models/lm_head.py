@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from align.models.packed import PLAIN_ARGS, packed_body, right_padded_lengths
+from align.models.packed import PLAIN_ARGS, packed_body, packed_lengths, right_padded_lengths, segments_body
 
 SCALING_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
@@ -67,9 +67,9 @@ def compact_lm_head(model: Any, outputs: tuple[str, ...] = ("log_probs",)) -> bo
             return trl_forward(*args, labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
                                **kwargs)
         kwargs["use_cache"] = False
-        lengths = packable(kwargs) if not args and getattr(self, PACK_FLAG, False) else None
-        hidden = (packed_body(self.base_model, kwargs["input_ids"], lengths) if lengths is not None else
-                  self.base_model(*args, **kwargs).last_hidden_state)
+        hidden = packed_hidden(self, kwargs) if not args else None
+        if hidden is None:
+            hidden = self.base_model(*args, **kwargs).last_hidden_state
         if shift_labels is None:
             hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
         f = compact_logprobs(hidden, shift_labels, self.get_output_embeddings(), outputs)
@@ -82,6 +82,22 @@ def compact_lm_head(model: Any, outputs: tuple[str, ...] = ("log_probs",)) -> bo
 
 
 PACK_FLAG = "_align_packed_rows"  # set by `pack_rows`: run right-padded batches padding-free
+# what TRL's padding-free collator adds for varlen attention kernels: boundaries of its one packed row, which
+# `segments_body` re-lays in rows of its own (the CPU's sdpa/eager attention reads them from position_ids)
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def packed_hidden(model: Any, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The body's last hidden states of a padding-free call, from packed rows (`align.models.packed`): a right-padded
+    batch once `pack_rows` switched it on, or TRL's padding-free batch (one row, position_ids per sequence). None
+    for any other call: the model's own forward runs it."""
+    if getattr(model, PACK_FLAG, False) and packable(kwargs) is not None:
+        return packed_body(model.base_model, kwargs["input_ids"], kwargs["attention_mask"].bool())
+    ids, positions = kwargs.get("input_ids"), kwargs.get("position_ids")
+    others = {k for k, v in kwargs.items() if k not in ("input_ids", "position_ids", *VARLEN_KEYS) and v is not None
+              and (torch.is_tensor(v) or PLAIN_ARGS.get(k, not v) != v)}
+    lengths = None if ids is None or positions is None or others else packed_lengths(ids, positions)
+    return None if lengths is None else segments_body(model.base_model, ids[0], lengths)[None]
 
 
 def packable(kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -95,7 +111,7 @@ def packable(kwargs: dict[str, Any]) -> torch.Tensor | None:
 
 def pack_rows(model: Any, probe: dict[str, torch.Tensor]) -> bool:
     """Make a `compact_lm_head` model run right-padded batches padding-free (`align.models.packed.packed_body`):
-    the body sees only the attended tokens, one packed row. Checked, not assumed: the log-probs of `probe`
+    the body sees only the attended tokens, in packed rows. Checked, not assumed: the log-probs of `probe`
     (input_ids, attention_mask, labels) must equal the padded pass's, else it stays padded. True if switched on."""
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     if "forward" not in vars(target):
