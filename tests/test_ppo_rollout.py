@@ -60,6 +60,19 @@ def test_reuse_only_where_exact() -> None:
     assert rl_policy.reuse_first_pass(noisy.eval(), rows=8, mini_batch_size=8, grad_accum=1)
 
 
+def test_no_reuse_with_lora_dropout(tiny_model: Path) -> None:
+    """LoRA dropout lives in lora_A (align/models/lean.py), not in a Dropout module: still no reuse while training."""
+    from transformers import AutoModelForCausalLM
+
+    from align.models.peft import PeftSettings, attach_peft
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    policy = attach_peft(base, PeftSettings(r=4, alpha=8, dropout=0.1))[0].train()
+    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in policy.modules())
+    assert not rl_policy.reuse_first_pass(policy, rows=8, mini_batch_size=8, grad_accum=1)
+    assert rl_policy.reuse_first_pass(policy.eval(), rows=8, mini_batch_size=8, grad_accum=1)
+
+
 def lora_policy(tiny_model: Path) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -17,6 +17,7 @@ import torch
 
 from align.config import opt
 from align.errors import ConfigError
+from align.models.lean import lean_lora_dropout, lean_swiglu
 
 Method = Literal["lora", "qlora", "dora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning",
                  "freeze", "bitfit", "full", "xlora"]
@@ -93,6 +94,7 @@ def attach_peft(model: Any, s: PeftSettings, *, total_steps: int = 100, task_typ
         else:
             config = peft.LoraConfig(**kwargs, use_dora=(m == "dora"))
         model = peft.get_peft_model(model, config)
+        lean_lora_dropout(model)  # the same dropout, without a float copy of each adapted input kept for backward
         targets = ["k_proj", "v_proj", "down_proj"] if m == "ia3" else s.target_modules
         what = f"{m} adapters on {targets}" + (f" + {list(extra_trainable)}" if extra_trainable else "")
     elif m in ("prompt_tuning", "prefix_tuning", "p_tuning"):
@@ -126,6 +128,7 @@ def attach_peft(model: Any, s: PeftSettings, *, total_steps: int = 100, task_typ
         model, what = attach_xlora(model, s, task_type)
     else:  # pragma: no cover - Literal type already checked by the config
         raise ConfigError(f"peft.method={m!r} is not a known method")
+    lean_swiglu(model)  # the same MLP, one activation fewer kept for backward
     return model, what
 
 

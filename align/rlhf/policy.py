@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from align.generation import Sample
+from align.models.lean import has_dropout
 from align.rlhf.core import entropy_from_logprobs, logprobs_from_logits
 
 
@@ -163,8 +164,7 @@ def reuse_first_pass(model: nn.Module, rows: int, mini_batch_size: int, grad_acc
     """Can the first PPO minibatch's forward also give the old log-probs and values? Yes when that minibatch is the
     whole rollout and is stepped on its own (so nothing has been updated before it) and no dropout is active (so
     the training forward computes exactly what a separate no-grad pass would): one forward pass fewer per step."""
-    dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
-    return rows <= mini_batch_size and grad_accum == 1 and not (dropout and model.training)
+    return rows <= mini_batch_size and grad_accum == 1 and not (model.training and has_dropout(model))
 
 
 def rollout_copy(policy: nn.Module, method: str, dtype: torch.dtype) -> nn.Module | None:
