@@ -81,7 +81,7 @@ def lean_lora_dropout(model: Any) -> int:
         if not isinstance(dropouts, torch.nn.ModuleDict) or not isinstance(lora_as, torch.nn.ModuleDict):
             continue
         for name, dropout in list(dropouts.items()):
-            lora_a = lora_as[name] if name in lora_as else None
+            lora_a = lora_as[name] if name in lora_as else None  # noqa: SIM401 (ModuleDict has no get)
             if (type(dropout) is not torch.nn.Dropout or dropout.p == 0 or name in getattr(module, "lora_variant", {})
                     or type(lora_a) is not torch.nn.Linear or lora_a.bias is not None):
                 continue
