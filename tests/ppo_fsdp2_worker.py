@@ -83,6 +83,9 @@ def main(out: Path, backend: str = "gloo") -> None:
         "resharded": resharded,
     }
     (out / f"rank-{rank}.json").write_text(json.dumps(result))
+    # every process past its last collective before any tears down: a peer closing its sockets while gloo's background
+    # thread still reads from them throws there ("Connection closed by peer") and aborts the process (SIGABRT)
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -177,7 +177,8 @@ def test_two_workers_share_one_sqlite_study(tiny_model, toy_sft, tmp_path):
 
 @dataclass(frozen=True)
 class Config:
-    """A fake stage: logs eval/loss = x + 1/(step+1) for `steps` steps, one every `step_s` seconds."""
+    """A fake stage: logs eval/loss = x + 1/(step+1) for `steps` steps, one every `step_s` seconds; a hopeless run
+    (x >= 1) runs 20x longer, so that finishing before the pruner stops it means the pruner failed, whatever the load."""
 
     output_dir: str = opt("runs/fake", "where the run goes")
     overwrite: bool = opt(False, "replace")
@@ -196,11 +197,12 @@ def run(cfg: Config) -> Path:
     run_ = start_run("fake", cfg, resume=cfg.resume)
     writer = SummaryWriter(log_dir=str(run_.dir / "tb"))
     loss = 0.0
-    for step in range(cfg.steps):
+    for step in range(cfg.steps * (20 if cfg.x >= 1 else 1)):
         loss = cfg.x + 1 / (step + 1)
         writer.add_scalar("eval/loss", loss, step)
         writer.flush()
-        (run_.dir / "steps_done").write_text(str(step + 1))
+        (run_.dir / "steps_done.tmp").write_text(str(step + 1))  # atomic: the pruner's stop lands anywhere in here
+        (run_.dir / "steps_done.tmp").replace(run_.dir / "steps_done")
         time.sleep(cfg.step_s)
     writer.close()
     run_.metrics["eval_loss"] = loss
@@ -223,7 +225,7 @@ def test_median_pruner_stops_a_hopeless_trial(tmp_path, monkeypatch):
     trials = optuna.load_study(study_name="fake", storage=storage).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]
     hopeless = tmp_path / "sweep" / trials[2].user_attrs["dir"]
-    assert int((hopeless / "steps_done").read_text()) < 30  # stopped early, not run to the end
+    assert int((hopeless / "steps_done").read_text()) < 600  # stopped early, not run to the end
     assert run_status(hopeless) == "failed" and "pruned" in json.loads((hopeless / "manifest.json").read_text())["error"]
     assert all(int((tmp_path / "sweep" / t.user_attrs["dir"] / "steps_done").read_text()) == 30
                for t in trials if t.state.name == "COMPLETE")

@@ -358,11 +358,15 @@ def check_fsdp2(work: Path, processes: int, backend: str, timeout: int) -> str:
     out = work / "fsdp2"
     out.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+    logs = out / "logs"  # each process's stdout/stderr: torchrun's own summary hides why a process died
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",  # a free port
+                           "--nproc_per_node", str(processes), "--log-dir", str(logs), "--redirects", "3",
                            str(ROOT / "tests" / "ppo_fsdp2_worker.py"), str(out), backend],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"exit {done.returncode}: {(done.stderr or done.stdout).strip()[-400:]}")
+        said = [f"{p.parent.name}: {p.read_text(errors='replace').strip()[-600:]}"
+                for p in sorted(logs.rglob("stderr.log")) if p.read_text(errors="replace").strip()]
+        raise RuntimeError(f"exit {done.returncode}: " + (" | ".join(said) or (done.stderr or done.stdout).strip()[-400:]))
     found = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(processes)]
     bad = sorted({k for f in found for k in ("scores_equal", "same_names", "state_equal", "copy_equal") if not f[k]})
     if processes > 1 and not any(f["sharded"] for f in found):
