@@ -18,6 +18,13 @@ from align.tracking import TRACKERS_HELP, TrackerName, check_trackers
 log = logging.getLogger(__name__)
 
 
+# Tokens per forward/backward pass, at most, when train.forward_batch is auto on a CPU. Activations kept for backward
+# grow with the tokens of a pass; on 2 cores (default model, LoRA r16, fp32, 8 steps, one run each) a reward batch of
+# 8 pairs at max_length 384 ran at 0.74 pairs/s in one pass and 1.05 in 8 passes of one pair, peak RSS 4.7 -> 1.8 GB;
+# DPO 4 pairs 0.37 -> 0.45-0.51 pairs/s, 3.4 -> 1.9-2.5 GB; SFT 8 examples 114 -> 113-120 tokens/s, 3.9 -> 2.0-2.2 GB.
+FORWARD_TOKENS = 1024
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     epochs: float = opt(1.0, "passes over the training data", gt=0.0)
@@ -25,6 +32,11 @@ class TrainSettings:
     lr: float = opt(2e-4, "peak learning rate (AdamW)", ge=0.0)
     batch_size: int = opt(8, "examples per device per micro-batch", ge=1)
     grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
+    forward_batch: int = opt(0, "examples per forward/backward pass (SFT, reward, DPO): each micro-batch runs as "
+                                "batch_size / forward_batch passes with their gradients summed — the same update, "
+                                "less activation memory; must divide batch_size. 0: auto (a CPU: passes of at most "
+                                f"{FORWARD_TOKENS} tokens at max_length; a GPU, or a loss that is not a mean over "
+                                "examples or tokens: the whole micro-batch)", ge=0)
     warmup_ratio: float = opt(0.05, "fraction of steps with linear warm-up", ge=0.0, lt=1.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", ge=0.0)
     max_grad_norm: float = opt(1.0, "gradient clipping norm", gt=0.0)
@@ -41,6 +53,21 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         check_trackers(list(self.report_to))  # a missing tracker package fails before anything runs
+        if self.forward_batch and self.batch_size % self.forward_batch:
+            raise ConfigError(f"train.forward_batch={self.forward_batch} must divide train.batch_size="
+                              f"{self.batch_size} (every pass the same size: the summed gradients are the batch's)")
+
+
+def forward_batch(t: TrainSettings, example_tokens: int | None) -> int:
+    """Examples per forward/backward pass: train.forward_batch, else (auto) on a CPU the largest divisor of
+    batch_size whose passes hold at most FORWARD_TOKENS tokens of `example_tokens` each (at least 1); on a GPU, or
+    where the stage's loss would change under the split (`example_tokens` None), the whole micro-batch."""
+    if t.forward_batch:
+        return t.forward_batch
+    if example_tokens is None or torch.cuda.is_available():
+        return t.batch_size
+    fits = [d for d in range(1, t.batch_size + 1) if t.batch_size % d == 0 and d * example_tokens <= FORWARD_TOKENS]
+    return max(fits, default=1)
 
 
 def total_steps(examples: int, t: TrainSettings) -> int:
@@ -54,8 +81,12 @@ def precision_flags(dtype: torch.dtype) -> dict[str, bool]:
     return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
 
-def trainer_kwargs(t: TrainSettings, run_dir: Path, *, seed: int, has_eval: bool) -> dict[str, Any]:
-    """Keyword arguments shared by every TRL config (SFTConfig, RewardConfig, DPOConfig, GRPOConfig, ...)."""
+def trainer_kwargs(t: TrainSettings, run_dir: Path, *, seed: int, has_eval: bool,
+                   example_tokens: int | None = None) -> dict[str, Any]:
+    """Keyword arguments shared by every TRL config (SFTConfig, RewardConfig, DPOConfig, GRPOConfig, ...).
+    `example_tokens`: the most tokens one example can hold, where the stage's loss is a mean over examples or tokens
+    that summing the gradients of equal passes keeps (`forward_batch`); None: no split unless train.forward_batch."""
+    passes = t.batch_size // forward_batch(t, example_tokens)
     eval_every = t.eval_steps if t.eval_steps > 0 else None
     strategy = ("steps" if eval_every else "epoch") if has_eval else "no"
     kwargs: dict[str, Any] = {
@@ -63,9 +94,9 @@ def trainer_kwargs(t: TrainSettings, run_dir: Path, *, seed: int, has_eval: bool
         "num_train_epochs": t.epochs,
         "max_steps": t.max_steps,
         "learning_rate": t.lr,
-        "per_device_train_batch_size": t.batch_size,
+        "per_device_train_batch_size": t.batch_size // passes,
         "per_device_eval_batch_size": t.batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_accumulation_steps": t.grad_accum * passes,
         "warmup_steps": t.warmup_ratio,
         "weight_decay": t.weight_decay,
         "max_grad_norm": t.max_grad_norm,
@@ -322,6 +353,9 @@ def check_online_config(stage: str, method: str, t: TrainSettings, num_generatio
     from align.models.policy import check_method
 
     check_method(stage, method)
+    if t.forward_batch:
+        raise ConfigError(f"train.forward_batch is not used by {stage} (its batches are groups of completions); "
+                          "remove it")
     if t.batch_size * t.grad_accum % num_generations:
         raise ConfigError(f"train.batch_size × train.grad_accum must be a multiple of online.num_generations="
                           f"{num_generations}")

@@ -25,6 +25,7 @@ from align.chat import SYSTEM_PROMPT_HELP
 from align.config import DTYPE_HELP, VALIDATION_FRACTION_HELP, VALIDATION_HELP, Dtype, opt
 from align.data.importers import split_by_prompt
 from align.data.records import PreferenceRecord, read_preferences, read_prompts
+from align.errors import ConfigError
 from align.generation import SamplingSettings
 from align.models.peft import PeftSettings
 from align.rewards import RewardSettings
@@ -87,6 +88,20 @@ class Config:
         from align.models.policy import check_method
 
         check_method("dpo", self.peft.method)
+        if self.train.forward_batch not in (0, self.train.batch_size) and not per_pair_loss(self.dpo):
+            raise ConfigError(f"train.forward_batch={self.train.forward_batch} would change the loss "
+                              f"{loss_name(self.dpo)}: {BATCH_LEVEL_HELP}; leave train.forward_batch at 0")
+
+
+# Loss terms that are not a mean of per-pair terms: aot/aot_unpaired sort the log-ratios across the batch, the
+# RPO/"sft" term averages over all the batch's chosen tokens. Split into passes, each would see only its own pairs.
+BATCH_LEVEL = ("aot", "aot_unpaired")
+BATCH_LEVEL_HELP = "aot/aot_unpaired and dpo.sft_weight > 0 couple the pairs of a batch, so it runs in one pass"
+
+
+def per_pair_loss(settings: DPOSettings) -> bool:
+    """Is the loss a mean of per-pair terms (the same update when a batch runs as several passes)?"""
+    return settings.sft_weight == 0 and settings.loss_type not in BATCH_LEVEL
 
 
 def preference_path(path: str, outputs: tuple[str, ...]) -> Path:
@@ -170,7 +185,9 @@ def run(cfg: Config) -> Path:
     log.info(f"dpo: {trained} ({n_train:,} of {n_total:,} parameters); loss {loss_name(cfg.dpo)}, β={cfg.dpo.beta}; "
              f"{len(train_ds)} pairs")
 
-    args = DPOConfig(**trainer_kwargs(cfg.train, run_.dir, seed=cfg.seed, has_eval=val_ds is not None),
+    example_tokens = 2 * cfg.data.max_length if per_pair_loss(cfg.dpo) else None  # chosen + rejected
+    args = DPOConfig(**trainer_kwargs(cfg.train, run_.dir, seed=cfg.seed, has_eval=val_ds is not None,
+                                      example_tokens=example_tokens),
                      **precision_flags(dtype), beta=cfg.dpo.beta, **loss_kwargs(cfg.dpo),
                      label_smoothing=cfg.dpo.label_smoothing, max_length=cfg.data.max_length)
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=val_ds,

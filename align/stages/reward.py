@@ -155,7 +155,9 @@ def run(cfg: Config) -> Path:
     log.info(f"reward: {len(train_rows)} train / {len(val_rows)} held-out pairs ({dropped + val_dropped} too long); "
              f"peft.method={cfg.peft.method}: training {trained_what} — {trainable:,} of {total:,} parameters")
 
-    args = RewardConfig(**trainer_kwargs(cfg.train, run_.dir, seed=cfg.seed, has_eval=True), **precision_flags(dtype),
+    # the loss is a mean over pairs: passes of fewer pairs sum to the batch's gradient (chosen + rejected per pair)
+    args = RewardConfig(**trainer_kwargs(cfg.train, run_.dir, seed=cfg.seed, has_eval=True,
+                                         example_tokens=2 * cfg.data.max_length), **precision_flags(dtype),
                         max_length=None, disable_dropout=True,
                         center_rewards_coefficient=cfg.center_rewards_coefficient or None)
     extra = [adalora_callback(model)] if cfg.peft.method == "adalora" else []

@@ -163,7 +163,9 @@ def run(cfg: Config) -> Path:
 
     free = use_padding_free(cfg, model, train_ds)
     # Lengths were checked above (data.max_length); padding-free batches are not truncated again by TRL.
-    args = SFTConfig(**trainer_kwargs(cfg.train, run_.dir, seed=cfg.seed, has_eval=True),
+    # the loss is a mean over the batch's tokens, counted across passes (num_items_in_batch): the same gradient
+    args = SFTConfig(**trainer_kwargs(cfg.train, run_.dir, seed=cfg.seed, has_eval=True,
+                                      example_tokens=cfg.data.max_length),
                      **precision_flags(dtype), max_length=None if free else cfg.data.max_length,
                      neftune_noise_alpha=cfg.neftune_noise_alpha or None, packing=False, padding_free=free)
     extra = [adalora_callback(model)] if cfg.peft.method == "adalora" else []
