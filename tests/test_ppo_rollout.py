@@ -226,3 +226,49 @@ def test_reward_model_auto_dtype_follows_the_forward_probe(tiny_model: Path, tmp
     score, _ = load_reward(RewardSettings(model=str(tmp_path / "rm"), dtype="saved"))
     exact = RewardModel.load(tmp_path / "rm").score([[{"role": "user", "content": "hi"}]], ["hello"])
     assert score([[{"role": "user", "content": "hi"}]], ["hello"]) == exact
+
+
+def response_chars(prompt: list, response: str) -> float:
+    return len(response) / 40
+
+
+def cut_to_varied_lengths(sampler, tokenizer):
+    """The sampler, its i-th prompt's answer cut to 3 + i mod 9 tokens (the toy policy never ends an answer)."""
+    import dataclasses
+
+    real = sampler.generate
+
+    def generate(prompts, params, n=1, seeds=None):
+        return [[dataclasses.replace(s, response_ids=s.response_ids[:3 + i % 9],
+                                     text=tokenizer.decode(s.response_ids[:3 + i % 9]),
+                                     logprobs=None if s.logprobs is None else s.logprobs[:3 + i % 9]) for s in group]
+                for i, group in enumerate(real(prompts, params, n, seeds))]
+    sampler.generate = generate
+    return sampler
+
+
+def test_length_control_takes_the_length_trend_out_of_the_scores(toy_policy: Path, tmp_path: Path, one_thread: None,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reward that is all length: with shaping.length_control the shaped scores keep the batch's mean but have
+    no covariance with the response lengths left; without it they are the raw scores."""
+    from align.stages import ppo_rollout
+
+    batches = []
+    real = ppo_rollout.collect_rollout
+    monkeypatch.setattr(ppo, "collect_rollout", lambda *a: batches.append(real(*a)) or batches[-1])
+    monkeypatch.setattr(ppo, "rollout_sampler",
+                        lambda cfg, t: cut_to_varied_lengths(ppo_rollout.rollout_sampler(cfg, t), t.tokenizer))
+    for control in ("true", "false"):
+        batches.clear()
+        run_ppo(toy_policy, tmp_path / control, "reward.function=test_ppo_rollout:response_chars",
+                "shaping.missing_eos_penalty=0.0", f"shaping.length_control={control}")
+        assert len(batches) == 2
+        for b in batches:
+            lengths = torch.tensor([float(len(s.response_ids)) for s in b.samples])
+            assert lengths.std() > 0 and b.scores.std() > 0
+            assert float(b.shaped.mean()) == pytest.approx(float(b.scores.mean()), abs=1e-5)
+            cov = float(((lengths - lengths.mean()) * (b.shaped - b.shaped.mean())).mean())
+            if control == "true":
+                assert cov == pytest.approx(0.0, abs=1e-5)
+            else:
+                assert torch.equal(b.shaped, b.scores) and cov > 0.1

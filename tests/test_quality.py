@@ -74,7 +74,7 @@ def test_pipeline_seeds_each_get_their_own_folder() -> None:
         pipeline.seed_configs(load_config(pipeline.Config, None, ["seeds=[1, 1]"]))
 
 
-def test_online_starts_from_the_policy_online_from_names(tmp_path) -> None:
+def test_online_and_ppo_start_from_the_policy_their_from_names(tmp_path) -> None:
     from pathlib import Path
 
     from align.config import load_config
@@ -82,13 +82,18 @@ def test_online_starts_from_the_policy_online_from_names(tmp_path) -> None:
 
     for start in ("sft", "dpo"):
         cfg = load_config(pipeline.Config, Path("stages/tiny/pipeline.yaml"),
-                          [f"output_dir={tmp_path}", f"online_from={start}"])
-        online = pipeline.step_config(pipeline.plan(cfg)[pipeline.ORDER.index("online")])
+                          [f"output_dir={tmp_path}", f"online_from={start}", f"ppo_from={start}"])
+        steps = pipeline.plan(cfg)
+        online = pipeline.step_config(steps[pipeline.ORDER.index("online")])
         assert online.policy == str(tmp_path / start)
         assert online.judge.heldout == str(tmp_path / "import")  # agreement measured on import's held-out pairs
-    with pytest.raises(ConfigError, match="online_from=dpo needs the dpo step"):
-        pipeline.plan(load_config(pipeline.Config, Path("stages/tiny/pipeline.yaml"),
-                                  ["online_from=dpo", "steps.dpo.enabled=false"]))
+        assert pipeline.step_config(steps[pipeline.ORDER.index("ppo")]).policy == str(tmp_path / start)
+        names = [s.name for s in steps]
+        assert names.index("dpo") < names.index("ppo") < names.index("online")  # a start is trained before use
+    for step in ("online", "ppo"):
+        with pytest.raises(ConfigError, match=f"{step}_from=dpo needs the dpo step"):
+            pipeline.plan(load_config(pipeline.Config, Path("stages/tiny/pipeline.yaml"),
+                                      [f"{step}_from=dpo", "steps.dpo.enabled=false"]))
 
 
 @pytest.mark.slow

@@ -205,3 +205,20 @@ def test_shape_scores_penalise_cut_answers_then_normalise_then_clip() -> None:
     assert torch.allclose(shape_scores(scores, cut, 0.5, 0.0), torch.tensor([1.0, 2.5, -4.0]))
     # (x - 1) / 2 with the running moments (mean 1, std 2), then clipped to [-1, 1]
     assert torch.allclose(shape_scores(scores, cut, 0.5, 1.0, (1.0, 2.0)), torch.tensor([0.0, 0.75, -1.0]))
+
+
+def test_length_residuals_by_hand() -> None:
+    """lengths 1, 2, 3 with scores 1, 3, 2: mean length 2, mean score 2, cov 1/3, var 2/3 -> slope 1/2, so the
+    scores become 1 + 1/2, 3, 2 - 1/2: the mean kept, no covariance with length left."""
+    from align.rlhf.core import length_residuals
+
+    lengths, scores = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 3.0, 2.0])
+    out = length_residuals(scores, lengths, scores, lengths)
+    assert out.tolist() == [1.5, 3.0, 1.5]
+    assert float(((lengths - 2) * (out - out.mean())).sum()) == 0.0 and float(out.mean()) == 2.0
+    # One process's share of the batch: the trend fitted over every process's rollouts, subtracted from its own.
+    assert length_residuals(scores[2:], lengths[2:], scores, lengths).tolist() == [1.5]
+    # A pure length reward becomes a constant; equal lengths leave the scores as they are.
+    assert length_residuals(3 * lengths, lengths, 3 * lengths, lengths).tolist() == [6.0, 6.0, 6.0]
+    same = torch.tensor([4.0, 4.0, 4.0])
+    assert length_residuals(scores, same, scores, same).tolist() == scores.tolist()

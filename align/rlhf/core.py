@@ -114,6 +114,19 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: KLEstimator) -> Ten
     raise ValueError(f"unknown KL estimator {kind!r}; use k1, k2 or k3")
 
 
+def length_residuals(scores: Tensor, lengths: Tensor, all_scores: Tensor, all_lengths: Tensor) -> Tensor:
+    """Scores [B] minus their linear trend in response length: score − b·(length − mean length), with the
+    least-squares slope b = cov(length, score) / var(length) and the mean fitted over the global batch (all_scores,
+    all_lengths [N]: every process's, so every process subtracts the same trend); b = 0 when every length is equal.
+    Within the batch the scores then neither favour longer nor shorter answers, and their mean is unchanged: the
+    length control of LC win rates (Dubois et al. 2024, arXiv:2404.04475) applied to PPO's reward, so a reward
+    model's taste for short (or long) answers does not become the policy's."""
+    x, y = all_lengths.double(), all_scores.double()
+    var = (x - x.mean()).square().mean()
+    slope = ((x - x.mean()) * (y - y.mean())).mean() / var if var > 0 else torch.zeros((), dtype=torch.float64)
+    return (scores.double() - slope * (lengths.double() - x.mean())).to(scores.dtype)
+
+
 def shape_scores(scores: Tensor, truncated: Tensor, missing_eos_penalty: float, clip: float,
                  moments: tuple[float, float] | None = None) -> Tensor:
     """Scores [B] -> shaped scores [B]: minus `missing_eos_penalty` where the response was cut (truncated = 1.0),

@@ -43,7 +43,7 @@ from align.runs import (
 
 log = logging.getLogger(__name__)
 
-ORDER = ("sft", "import", "generate", "judge", "preferences", "reward", "ppo", "dpo", "online", "eval", "report")
+ORDER = ("sft", "import", "generate", "judge", "preferences", "reward", "dpo", "ppo", "online", "eval", "report")
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,8 @@ class Config:
     steps: dict[str, Step] = opt({}, f"per-step settings, keyed by step: {', '.join(ORDER)}")
     online_from: Literal["sft", "dpo"] = opt("sft", "the policy online RLAIF's first round starts from: sft, or dpo "
                                                     "(human pairs first, then AI rounds on top; needs the dpo step)")
+    ppo_from: Literal["sft", "dpo"] = opt("sft", "the policy PPO starts from (and keeps near: its KL reference): "
+                                                 "sft, or dpo (needs the dpo step)")
 
 
 @dataclass
@@ -126,7 +128,7 @@ def wiring(cfg: Config, root: Path, enabled: set[str]) -> dict[str, dict[str, An
                         "validation": [d["import"]] if "import" in enabled else []},
         "reward": {"model": d["sft"], "data": {"train": f"{d['preferences']}/train.jsonl",
                                                "validation": f"{d['preferences']}/valid.jsonl"}},
-        "ppo": {"policy": d["sft"], "reward": {"model": d["reward"], "function": ""},
+        "ppo": {"policy": d[cfg.ppo_from], "reward": {"model": d["reward"], "function": ""},
                 "data": {"prompts": cfg.prompts, "eval_prompts": cfg.eval_prompts}},
         "dpo": {"policy": d["sft"], "data": {"train": f"{d['preferences']}/train.jsonl",
                                              "validation": f"{d['preferences']}/valid.jsonl"},
@@ -187,9 +189,10 @@ def stage_entry(stage: str) -> tuple[type, Callable[[Any], Path]]:
 
 def plan(cfg: Config) -> list[PlannedStep]:
     """The enabled steps in order, each with its recipe and its overrides (wiring, then the user's)."""
-    on = {name: cfg.steps.get(name, Step()).enabled for name in ("dpo", "online")}
-    if cfg.online_from == "dpo" and on["online"] and not on["dpo"]:
-        raise ConfigError("online_from=dpo needs the dpo step; enable it or set online_from=sft")
+    on = {name: cfg.steps.get(name, Step()).enabled for name in ("dpo", "ppo", "online")}
+    for step, start in (("online", cfg.online_from), ("ppo", cfg.ppo_from)):
+        if start == "dpo" and on[step] and not on["dpo"]:
+            raise ConfigError(f"{step}_from=dpo needs the dpo step; enable it or set {step}_from=sft")
     unknown = sorted(set(cfg.steps) - set(ORDER))
     if unknown:
         raise ConfigError(f"steps: unknown step(s) {', '.join(unknown)}; the steps are {', '.join(ORDER)}")

@@ -63,6 +63,8 @@ class ShapingSettings:
     missing_eos_penalty: float = opt(1.0, "subtracted from the score of a response cut at max_new_tokens (0: off)", ge=0.0)
     normalize: bool = opt(False, "standardise scores with the running mean/std of every score so far")
     clip: float = opt(0.0, "clip (shaped) scores to [-clip, clip] (0: off)", ge=0.0)
+    length_control: bool = opt(False, "subtract from each score its linear trend in response length, fitted over "
+                                      "the step's rollouts, so a reward model's length bias is not learned")
 
 
 @dataclass(frozen=True)

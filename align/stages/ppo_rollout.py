@@ -122,7 +122,7 @@ def collect_rollout(cfg: Config, t: Trainer, step: int) -> Batch:
     """This process's prompts of `step`, one response each from the current policy, their scores (shaped)."""
     import torch
 
-    from align.rlhf.core import shape_scores
+    from align.rlhf.core import length_residuals, shape_scores
     from align.rlhf.policy import collate, sync_rollout_copy
 
     acc = t.acc
@@ -147,9 +147,15 @@ def collect_rollout(cfg: Config, t: Trainer, step: int) -> Batch:
     t2 = time.perf_counter()
     truncated = torch.tensor([0.0 if s.finished else 1.0 for s in samples])
     all_scores = acc.gather(scores.to(acc.device)).cpu()
+    used, all_used = scores, all_scores
+    if cfg.shaping.length_control:
+        lengths = torch.tensor([float(len(s.response_ids)) for s in samples])
+        all_lengths = acc.gather(lengths.to(acc.device)).cpu()
+        used = length_residuals(scores, lengths, all_scores, all_lengths)
+        all_used = length_residuals(all_scores, all_lengths, all_scores, all_lengths)
     # Every process updates the running moments with the same global batch, so they stay identical.
-    t.moments.update(all_scores - cfg.shaping.missing_eos_penalty * acc.gather(truncated.to(acc.device)).cpu())
-    shaped = shape_scores(scores, truncated, cfg.shaping.missing_eos_penalty, cfg.shaping.clip,
+    t.moments.update(all_used - cfg.shaping.missing_eos_penalty * acc.gather(truncated.to(acc.device)).cpu())
+    shaped = shape_scores(used, truncated, cfg.shaping.missing_eos_penalty, cfg.shaping.clip,
                           (t.moments.mean, t.moments.std) if cfg.shaping.normalize else None)
     rollout = collate(samples, t.tokenizer.pad_token_id).to(acc.device)
     return Batch(prompts, samples, scores, truncated, shaped, all_scores, rollout,
