@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import write_jsonl
 
 from align.config import load_config, opt
@@ -222,3 +223,5 @@ def test_tiny_pipeline_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
                                        overrides + ["steps.ppo.overrides.seed=7"]))
     steps = read_manifest(changed)["steps"]
     assert [n for n, s in steps.items() if s["status"] == "ran"] == ["ppo", "eval", "report"]
+    ppo_cfg = yaml.safe_load((root / "ppo" / "config.yaml").read_text())
+    assert ppo_cfg["policy"] == str(root / "dpo")  # ppo_from: dpo — PPO trained on the DPO run folder
