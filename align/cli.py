@@ -83,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from align.errors import AlignError
     from align.log import configure
+    from align.models.memory import keep_freed_memory
     from align.runs import disk_full_message, fail_active_runs
 
     configure(quiet="--quiet" in rest, verbose="--verbose" in rest)
     rest = [a for a in rest if a not in ("--quiet", "--verbose")]
+    keep_freed_memory()  # see align/models/memory.py: fewer page faults per step
 
     try:
         cfg = parse_args(stage, rest, module.Config)

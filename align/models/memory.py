@@ -5,6 +5,12 @@ A training step allocates and frees gigabytes of activations in tensors below gl
 fragments it further. On the default reward model the process grew from ~4.7 to ~5.8 GB between its first and
 second step of 8 pairs with ~3 GB live; with `malloc_trim` after each step it stayed at the first step's peak
 (and the models loaded after training reuse what training gave back instead of stacking on top of it).
+
+The other way round, within a step: glibc serves every allocation above its mmap threshold (logits of a PPO
+rollout, 8 x 65 x 49k floats = 100 MB; a packed row's attention scores) with a fresh `mmap` and unmaps it on
+free, so the next one of that size is paid again in page faults, and freed heap above 128 KiB at the top is
+returned at once. `keep_freed_memory` (every `align` command, at its start) serves them all from the heap and keeps
+what is freed until an explicit `release_freed_memory`, which the training stages call after each step.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import os
 from functools import cache
 from typing import Any
 
@@ -32,6 +39,27 @@ def release_freed_memory() -> bool:
     gc.collect()
     libc = _libc()
     return bool(libc is not None and libc.malloc_trim(0) is not None)
+
+
+# mallopt's parameters (glibc malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+KEEP = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 64 << 20}
+
+
+def allocator_set_by_user(environ: dict[str, str]) -> bool:
+    """True when the environment already tunes glibc's malloc (GLIBC_TUNABLES glibc.malloc.*, or the older
+    MALLOC_* variables such as MALLOC_ARENA_MAX): the user's settings win."""
+    return "glibc.malloc." in environ.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") for k in environ)
+
+
+def keep_freed_memory() -> bool:
+    """Serve every allocation from the heap (no per-allocation mmap) and keep freed memory for reuse instead of
+    returning it to the OS at each free (glibc `mallopt`). False, changing nothing, where the C library is not glibc
+    or the environment tunes malloc itself (`allocator_set_by_user`)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt") or allocator_set_by_user(dict(os.environ)):
+        return False
+    return all(libc.mallopt(param, value) == 1 for param, value in KEEP.items())
 
 
 def release_memory_callback() -> Any:
