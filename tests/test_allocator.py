@@ -64,3 +64,25 @@ def test_every_align_command_keeps_freed_memory(monkeypatch, tmp_path):
     monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append(1) or True)
     assert cli.main(["import", "stages/import.yaml", f"output_dir={tmp_path}/x", "nonsense_key=1"]) == 2
     assert calls == [1]
+
+
+def resident_mib() -> float:
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or memory._libc() is None, reason="glibc on Linux only")
+def test_page_out_drops_a_mapped_weights_pages_and_keeps_its_values(tmp_path) -> None:
+    """A 64 MiB tensor memory-mapped from a file (as transformers loads safetensors), read, then paged out: its
+    resident pages go, and its values (including ones this process changed) are the same when read again."""
+    import numpy as np
+    import torch
+
+    path = tmp_path / "weights.bin"
+    np.arange(16 << 20, dtype=np.float32).tofile(path)
+    weight = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c"))  # private copy-on-write, like safetensors
+    weight[:1024] = -1.0  # changed by this process: anonymous pages now
+    total = float(weight.double().sum())  # touches every page
+    before = resident_mib()
+    assert memory.page_out(weight)
+    assert before - resident_mib() > 48
+    assert float(weight.double().sum()) == total and float(weight[0]) == -1.0 and float(weight[-1]) == (16 << 20) - 1

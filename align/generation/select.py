@@ -72,12 +72,13 @@ def build_sampler(model: str | Path, settings: BackendSettings = BackendSettings
     import torch
 
     from align.generation.hf import HFSampler
+    from align.models.prepacked import prepack_for_sampling
 
     dtype = str(pick_dtype(settings.dtype, use="decode")).removeprefix("torch.")  # auto: what samples faster here
     hf_model = load_model(path, dtype=dtype, trust_remote_code=settings.trust_remote_code, merge=True)
     if torch.cuda.is_available():
         hf_model = hf_model.to("cuda")
-    return HFSampler(hf_model, tokenizer)
+    return HFSampler(prepack_for_sampling(hf_model), tokenizer)
 
 
 def vllm_sampler(base: Path, tokenizer: Any, settings: BackendSettings, **kwargs: Any) -> Any:

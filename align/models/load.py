@@ -137,17 +137,24 @@ def time_block_step(dtype: torch.dtype, repeats: int = 3) -> float:
     return best_time(step, repeats)
 
 
-def time_decode_step(dtype: torch.dtype, repeats: int = 3) -> float:
+def time_decode_step(dtype: torch.dtype, repeats: int = 3, prepacked: bool = False) -> float:
     """Best-of-`repeats` seconds of one decoding step's matmuls: 8 rows through ~130M weights in `dtype` (the
-    default model's size), no gradient. Decoding is bound by reading the weights, so their width decides."""
-    weights = [torch.full((8192, 2048) if i % 2 == 0 else (2048, 8192), 0.01, dtype=dtype) for i in range(8)]
+    default model's size), no gradient; `prepacked`: through `PrepackedLinear` layers. Decoding is bound by
+    reading the weights, so their width and layout decide."""
+    from align.models.prepacked import PrepackedLinear
+
+    layers = []
+    for i in range(8):
+        layer = torch.nn.Linear(*((2048, 8192) if i % 2 == 0 else (8192, 2048)), bias=False, dtype=dtype)
+        torch.nn.init.constant_(layer.weight, 0.01)
+        layers.append(PrepackedLinear(layer) if prepacked else layer)
     x = torch.full((8, 2048), 0.01, dtype=dtype)
 
     def step() -> None:
         with torch.no_grad():
             h = x
-            for w in weights:
-                h = torch.nn.functional.linear(h, w)
+            for layer in layers:
+                h = layer(h)
 
     return best_time(step, repeats)
 
@@ -181,32 +188,38 @@ def best_time(step: Any, repeats: int) -> float:
 
 def cpu_bf16_is_faster(use: str = "train") -> bool:
     """Whether bf16 beat fp32 here for `use` ('train': a LoRA block step, `time_block_step`; 'decode':
-    `time_decode_step`; 'forward': `time_forward_step`): measured once per CPU model, torch version and thread count (about a second) and
-    remembered in <cache>/dtype_probe.json."""
+    `time_decode_step`; 'forward': `time_forward_step`), measured once (`measured_faster`)."""
+    label, timer = {"train": ("lora block v2", time_block_step), "decode": ("decode v1", time_decode_step),
+                    "forward": ("forward v1", time_forward_step)}[use]
+    return measured_faster(label, lambda: timer(torch.float32), lambda: timer(torch.bfloat16), ("float32", "bfloat16"))
+
+
+def measured_faster(label: str, first: Any, second: Any, names: tuple[str, str]) -> bool:
+    """Whether `second()` took less time than `first()` (each returns its seconds): measured once per CPU model,
+    torch version and thread count (about a second each) and remembered in <cache>/dtype_probe.json under
+    `label`, with both timings named by `names`."""
     import platform
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else \
         platform.processor()
-    probe = {"train": ("lora block v2", time_block_step), "decode": ("decode v1", time_decode_step),
-             "forward": ("forward v1", time_forward_step)}[use]
-    key = f"{cpu} | torch {torch.__version__} | threads {torch.get_num_threads()} | {probe[0]}"
+    key = f"{cpu} | torch {torch.__version__} | threads {torch.get_num_threads()} | {label}"
     path = cache_root() / "dtype_probe.json"
     try:
         known = json.loads(path.read_text()) if path.is_file() else {}
     except (json.JSONDecodeError, OSError):
         known = {}
-    if key not in known:
-        fp32, bf16 = probe[1](torch.float32), probe[1](torch.bfloat16)
-        known[key] = {"float32_s": fp32, "bfloat16_s": bf16, "bf16_faster": bf16 < fp32}
+    if "faster" not in known.get(key, {}):
+        a, b = first(), second()
+        known[key] = {f"{names[0]}_s": a, f"{names[1]}_s": b, "faster": names[1] if b < a else names[0]}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(known, indent=2))
         except OSError:
             pass  # a read-only cache only costs the probe again next time
-        log.info(f"dtype=auto ({use}): measured on this CPU: fp32 {fp32 * 1000:.0f} ms, bf16 {bf16 * 1000:.0f} ms -> "
-                 f"{'bfloat16' if bf16 < fp32 else 'float32'}")
-    return bool(known[key]["bf16_faster"])
+        log.info(f"{label}: measured on this CPU: {names[0]} {a * 1000:.0f} ms, {names[1]} {b * 1000:.0f} ms -> "
+                 f"{known[key]['faster']}")
+    return known[key]["faster"] == names[1]
 
 
 def base_reference(adapter_dir: Path, base: Path) -> tuple[str, str | None]:

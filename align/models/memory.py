@@ -71,3 +71,25 @@ def release_memory_callback() -> Any:
             release_freed_memory()
 
     return ReleaseMemory()
+
+
+MADV_PAGEOUT = 21  # linux/mman.h (Linux >= 5.4)
+
+
+def page_out(tensor: Any) -> bool:
+    """Ask the kernel to reclaim the pages lying wholly inside `tensor`'s data (madvise MADV_PAGEOUT), for a
+    weight that was copied elsewhere and will not be read again (`align.models.prepacked`). Weights loaded from a
+    safetensors file are memory-mapped: dropping the tensor leaves its pages resident while the file stays mapped
+    (a tied embedding keeps it mapped), so the copy would double the model's memory. Nothing is lost: clean file
+    pages are read back from the file if touched again, pages the process changed (a merged adapter) go to swap
+    or stay. False where the C library is not glibc (Linux) or the kernel refuses (older than 5.4)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "madvise"):
+        return False
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = tensor.data_ptr()
+    first, last = -(-start // page) * page, (start + tensor.numel() * tensor.element_size()) // page * page
+    if last <= first:
+        return False
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(first, last - first, MADV_PAGEOUT) == 0
