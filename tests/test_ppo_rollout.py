@@ -117,6 +117,35 @@ def test_rollout_copy_follows_the_trained_adapter_exactly(tiny_model: Path) -> N
     torch.testing.assert_close(base[name], dict(fresh.named_parameters())[name], rtol=0, atol=0)
 
 
+def test_prepacked_rollout_copy_follows_the_trained_adapter(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where prepacked weights sample faster, the copy's linear layers are prepacked, and `sync_rollout_copy` loads
+    each update's merged weights into them (a float64 policy, a float32 copy: equal to fp32 rounding)."""
+    from align.models import prepacked
+
+    if not prepacked.can_prepack(torch.float32):
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setattr(prepacked, "prepacking_is_faster", lambda dtype: True)
+    policy = lora_policy(tiny_model).double()
+    clone = rl_policy.rollout_copy(policy, "lora", torch.float32)
+    assert clone is not None and not any(type(m) is torch.nn.Linear for m in clone.modules())
+    full = rl_policy.rollout_copy(policy, "full", torch.float32)  # full fine-tuning: plain layers (every weight moves)
+    assert full is not None and any(type(m) is torch.nn.Linear for m in full.modules())
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+
+    def logits(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=ids).logits.double()
+
+    torch.testing.assert_close(logits(clone), logits(policy), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name) + 1)))
+    assert (logits(clone) - logits(policy)).abs().max() > 1e-2
+    rl_policy.sync_rollout_copy(clone, policy, "lora")
+    torch.testing.assert_close(logits(clone), logits(policy), rtol=1e-4, atol=1e-4)
+
+
 def test_full_fine_tuning_copy_is_refreshed(tiny_model: Path) -> None:
     from transformers import AutoModelForCausalLM
 

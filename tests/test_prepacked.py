@@ -115,3 +115,4 @@ def test_prepacking_follows_a_measurement_made_once(tiny_model: Path, tmp_path: 
     (tmp_path / "dtype_probe.json").unlink()
     timings[True] = 0.01
     assert prepacked_layers() > 0
+

@@ -176,9 +176,11 @@ def rollout_copy(policy: nn.Module, method: str, dtype: torch.dtype) -> nn.Modul
         return None
     import copy
 
+    from align.models.prepacked import prepack_for_sampling
+
     clone = copy.deepcopy(policy)
-    if method == "lora":
-        clone = clone.merge_and_unload()
+    if method == "lora":  # only LoRA-adapted layers change (`sync_rollout_copy`): they can stay prepacked
+        return prepack_for_sampling(clone.merge_and_unload().to(dtype).eval().requires_grad_(False))
     return clone.to(dtype).eval().requires_grad_(False)
 
 
@@ -210,12 +212,17 @@ def sync_rollout_copy(clone: nn.Module, policy: nn.Module, method: str) -> None:
         return
     from peft.tuners.lora import LoraLayer
 
+    from align.models.prepacked import PrepackedLinear
     from align.rlhf.sharded import plain_name
 
     for name, module in policy.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:
             merged = module.get_base_layer().weight + module.get_delta_weight("default")
-            clone.get_submodule(plain_name(name).removeprefix("base_model.model.")).weight.copy_(merged)
+            target = clone.get_submodule(plain_name(name).removeprefix("base_model.model."))
+            if isinstance(target, PrepackedLinear):
+                target.load(merged)
+            else:
+                target.weight.copy_(merged)
 
 
 def response_logits(model: nn.Module, rollout: Rollout) -> Tensor:
