@@ -9,9 +9,10 @@ project's 2-core AVX-512 CPU over the default model's 211 weight matrices: 16 ro
 (another summation order: equal to rounding, not bit for bit).
 
 Inference only: a `PrepackedLinear` has no `.weight` and no gradient. `prepack_linears` swaps the nn.Linear
-layers of a model that is only sampled from: build_sampler's (the generate stage, judges, serve; adapters are merged
-by then) and PPO's rollout copy of a LoRA policy (`load` takes each update's merged weights). A layer's original weight is freed, or paged out where it is memory-mapped from the model's file
-(`page_out`): the default model's sampler peaked at 1529 MiB prepacked without that, against 1012 unpacked.
+layers of a model that is only sampled from: build_sampler's (the generate stage, judges, serve; adapters are
+merged by then) and PPO's rollout copy of a LoRA policy (`load` takes each update's merged weights). A layer's
+original weight is freed, or paged out where it is memory-mapped from the model's file (`page_out`): the default
+model's sampler peaked at 1529 MiB prepacked without that, against 1012 unpacked.
 """
 
 from __future__ import annotations
@@ -94,4 +95,3 @@ def prepack_for_sampling(model: Any) -> Any:
         count = prepack_linears(model)
         log.debug(f"prepacked {count} weight matrices for oneDNN")
     return model
-
