@@ -284,3 +284,117 @@ def test_packed_lengths_reads_only_trls_one_row_layout():
     assert packed_lengths(ids, torch.tensor([[1, 2, 3, 0, 1, 0, 1]])) is None  # does not start a sequence
     assert packed_lengths(ids, torch.tensor([[0, 1, 3, 0, 1, 0, 1]])) is None  # a gap inside a sequence
     assert packed_lengths(torch.zeros(2, 3, dtype=torch.long), torch.tensor([[0, 1, 2], [0, 1, 2]])) is None
+
+
+# ---- shared first tokens (align.models.packed.prefix_forest): computed once, the padded pass's numbers ----
+
+
+def test_prefix_forest_joins_longest_common_prefixes_first_within_the_budget():
+    from align.models.packed import common_prefix, prefix_forest
+
+    t = torch.tensor
+    assert common_prefix(t([1, 2, 3]), t([1, 2, 4, 5])) == 2 and common_prefix(t([1, 2]), t([1, 2, 9])) == 2
+    assert common_prefix(t([7]), t([1])) == 0
+    # 0 and 2 share 4 tokens (a prompt), 1 and 3 share 3, 0 and 1 share 1 (a system token); 4 shares nothing
+    seqs = [t([9, 1, 1, 1, 5, 5]), t([9, 2, 2, 6, 6]), t([9, 1, 1, 1, 7]), t([9, 2, 2, 8, 8, 8]), t([4, 4])]
+    forest = prefix_forest(seqs, budget=100)
+    assert forest.groups == [[0, 2, 1, 3], [4]]
+    assert forest.parent == [-1, 0, 0, 1, -1] and forest.shared == [0, 1, 4, 3, 0]
+    lengths = [len(s) for s in seqs]
+    assert [forest.size(g, lengths) for g in forest.groups] == [6 + 1 + 4 + 3, 2]  # 22 tokens, 8 shared
+    # a budget of 8: the pairs (6 + 5 - 4 = 7, 5 + 6 - 3 = 8) join, the pairs' pair (15 tokens) does not, as one
+    # row of 15 costs more attention (225) than rows of 7 and 8 (113)
+    tight = prefix_forest(seqs, budget=8)
+    assert tight.groups == [[0, 2], [1, 3], [4]] and tight.shared == [0, 0, 4, 3, 0]
+
+
+def shared_prompt_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two pairs as a DPO/reward batch lays them (chosen, chosen, rejected, rejected), right-padded to 14: each
+    pair's answers follow the same prompt (5 and 7 tokens), and every sequence opens with the same 2-token
+    "system turn"."""
+    gen = torch.Generator().manual_seed(6)
+    system = torch.randint(3, vocab, (2,), generator=gen)
+    prompts = [torch.cat([system, torch.randint(3, vocab, (n,), generator=gen)]) for n in (3, 5)]
+    answers = [(6, 4), (7, 2)]  # (chosen, rejected) tokens per pair
+    seqs = [torch.cat([prompts[p], torch.randint(3, vocab, (answers[p][side],), generator=gen)])
+            for side in (0, 1) for p in (0, 1)]
+    ids = torch.zeros(4, 14, dtype=torch.long)
+    keep = torch.zeros(4, 14, dtype=torch.bool)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)], keep[row, :len(s)] = s, True
+    return ids, keep
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompts_are_computed_once_with_the_padded_numbers(tiny_model, one_thread, attn):
+    from transformers import AutoModelForCausalLM
+
+    from align.models import packed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attn)
+    ids, keep = shared_prompt_batch(model.config.vocab_size)  # 11 + 14 + 9 + 9 = 43 tokens
+    weights = torch.randn(*ids.shape, model.config.hidden_size, generator=torch.Generator().manual_seed(7))
+
+    def hidden_and_grads(run):
+        model.zero_grad()
+        hidden = run()
+        (hidden * weights)[keep].sum().backward()
+        return hidden.detach()[keep], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, plain_grads = hidden_and_grads(lambda: model.model(input_ids=ids, attention_mask=keep.long()).last_hidden_state)
+    seen: list[int] = []
+    model.model.embed_tokens.register_forward_hook(lambda module, args, out: seen.append(args[0].numel()))
+    hidden, grads = hidden_and_grads(lambda: packed.packed_body(model.model, ids, keep))
+    # the pairs' prompts (5, 7) once each, then the shared system turn (2) once: 43 - 14 = 29 tokens in one row
+    assert seen == [29]
+    torch.testing.assert_close(hidden, plain, rtol=1e-5, atol=1e-5)
+    for name, g in grads.items():  # fp32 sums in another order: ~1e-6 of each tensor's norm
+        assert (g - plain_grads[name]).norm() <= 1e-5 * plain_grads[name].norm(), name
+
+
+def causal_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sdpa attention that drops a ready 4-D mask and attends causally over the whole row (a kernel that knows
+    no custom masks): the shared-prefix layout then mixes sequences, which the checks must tell apart."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def ignore_mask(module, query, key, value, attention_mask, **kwargs):
+        return sdpa(module, query, key, value, None, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", ignore_mask)
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_dpo_packing_with_shared_prompts_checked(tiny_model, one_thread, monkeypatch, leak):
+    from align.models.lm_head import pack_rows
+
+    model = dpo_twin(tiny_model)
+    with torch.no_grad():  # a sharp head: next-token distributions that depend on the context
+        model.get_base_model().lm_head.weight.normal_(0.0, 1.0)
+    ids, keep = shared_prompt_batch(model.config.vocab_size)
+    labels = ids.masked_fill(~keep, -100)
+    labels[:, :7] = -100  # loss on the answers
+    batch = {"input_ids": ids, "attention_mask": keep.long(), "labels": labels}
+    if leak:
+        causal_only(monkeypatch)
+    assert pack_rows(model, batch) is not leak
+    if not leak:
+        model.train()
+        seen: list[int] = []
+        model.get_base_model().model.embed_tokens.register_forward_hook(
+            lambda module, args, out: seen.append(args[0].numel()))
+        dpo_loss_and_grads(model, batch)
+        assert seen == [29, 29]  # reference and policy passes
+
+
+def test_reward_packing_with_shared_prompts_checked(tiny_model, one_thread, monkeypatch):
+    from align.models.packed import padding_free_classifier
+
+    model = classifier(tiny_model)
+    ids, keep = shared_prompt_batch(model.config.vocab_size)
+    probe = {"input_ids": ids, "attention_mask": keep.long()}
+    causal_only(monkeypatch)
+    assert padding_free_classifier(model, probe) is False
+    monkeypatch.undo()
+    assert padding_free_classifier(model, probe) is True

@@ -18,6 +18,7 @@ TRL's RewardTrainer, its loss and its metrics are untouched; the score is read w
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,27 +54,121 @@ def row_plan(lengths: list[int], budget: int) -> list[list[int]]:
     return rows
 
 
+def common_prefix(a: Tensor, b: Tensor) -> int:
+    """How many leading tokens the 1-D token tensors `a` and `b` have in common."""
+    n = min(len(a), len(b))
+    differ = (a[:n] != b[:n]).nonzero()
+    return int(differ[0]) if len(differ) else n
+
+
+@dataclass(frozen=True)
+class PrefixForest:
+    """Which sequences share their leading tokens: `parent[i]` (-1: none) and `shared[i]`, the tokens sequence i
+    takes from its parent's; `groups`, the sequences that share, parents before children. A group is laid in one
+    packed row and computes its tokens once: Σ lengths - Σ shared positions instead of Σ lengths."""
+
+    parent: list[int]
+    shared: list[int]
+    groups: list[list[int]]
+
+    def size(self, group: list[int], lengths: list[int]) -> int:
+        return sum(lengths[i] - self.shared[i] for i in group)
+
+
+def prefix_forest(seqs: list[Tensor], budget: int) -> PrefixForest:
+    """Join sequences that begin alike into groups, longest common prefixes first (Kruskal's maximum spanning forest
+    on the common-prefix lengths), while a group stays within `budget` tokens or costs no more attention than its two
+    halves apart (one row of n tokens costs n² scores). A DPO or reward batch's chosen and rejected answer share
+    their prompt; most chat templates give every sequence the same system turn."""
+    lengths = [len(s) for s in seqs]
+    edges = sorted(((common_prefix(seqs[i], seqs[j]), i, j) for j in range(len(seqs)) for i in range(j)),
+                   key=lambda e: -e[0])
+    group = list(range(len(seqs)))  # union-find: a member's representative
+    size = list(lengths)  # tokens a group computes, at its representative
+    links: dict[int, list[tuple[int, int]]] = {i: [] for i in range(len(seqs))}
+
+    def find(i: int) -> int:
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    for k, i, j in edges:
+        a, b = find(i), find(j)
+        joined = size[a] + size[b] - k
+        if k == 0 or a == b or (joined > budget and joined ** 2 > size[a] ** 2 + size[b] ** 2):
+            continue
+        group[b], size[a] = a, joined
+        links[i].append((j, k))
+        links[j].append((i, k))
+    parent, shared = [-1] * len(seqs), [0] * len(seqs)
+    groups: list[list[int]] = []
+    seen = [False] * len(seqs)
+    for root in range(len(seqs)):  # each group from its first sequence, parents before children
+        if seen[root]:
+            continue
+        seen[root], order = True, [root]
+        for i in order:
+            for j, k in links[i]:
+                if not seen[j]:
+                    seen[j], parent[j], shared[j] = True, i, k
+                    order.append(j)
+        groups.append(order)
+    return PrefixForest(parent, shared, groups)
+
+
+def no_sharing(n: int) -> PrefixForest:
+    return PrefixForest([-1] * n, [0] * n, [[i] for i in range(n)])
+
+
+
 def segments_body(body: Any, ids: Tensor, lengths: list[int], **kwargs: Any) -> Tensor:
     """Last hidden states [N, H] of the sequences laid end to end in `ids` [N] (`lengths`, in order), from one pass
-    of `body` (a transformers base model) over ~total / ROW_TOKENS packed rows (`row_plan`). A row's
-    unused tail is padding with positions restarting at 0: a sequence of its own that no real token attends to."""
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    rows = row_plan(lengths, ROW_TOKENS)
-    width = max(sum(lengths[i] for i in row) for row in rows)
-    row_ids = ids.new_full((len(rows), width), int(ids[0]))
-    row_pos = torch.arange(width, device=ids.device).repeat(len(rows), 1)
-    where = torch.empty_like(ids)  # flat place in the [rows x width] layout of each token of `ids`
+    of `body` (a transformers base model) over ~total / ROW_TOKENS packed rows (`row_plan`). Sequences that begin
+    alike compute their common first tokens once (`prefix_forest`; sdpa and eager attention, which take the mask
+    that says so); the others are told apart by position_ids restarting at 0. A row's unused tail is padding: a
+    sequence of its own that no real token attends to."""
+    seqs = list(ids.split(lengths))
+    forest = prefix_forest(seqs, ROW_TOKENS) if shares_prefixes(body) else no_sharing(len(seqs))
+    sizes = [forest.size(g, lengths) for g in forest.groups]
+    rows = row_plan(sizes, ROW_TOKENS)
+    width = max(sum(sizes[g] for g in row) for row in rows)
+    device = ids.device
+    row_ids = ids.new_full((len(rows), width), int(ids[0])).view(-1)
+    row_pos = torch.arange(width, device=device).repeat(len(rows), 1).view(-1)
+    mask = torch.eye(width, dtype=torch.bool, device=device).repeat(len(rows), 1, 1)  # tails: themselves only
+    flat: list[Tensor] = [ids] * len(seqs)  # per sequence, the place of each of its tokens in the rows x width layout
     for r, row in enumerate(rows):
-        at = 0
-        for i in row:
-            n, s = lengths[i], starts[i]
-            row_ids[r, at:at + n] = ids[s:s + n]
-            row_pos[r, at:at + n] = torch.arange(n, device=ids.device)
-            where[s:s + n] = torch.arange(r * width + at, r * width + at + n, device=ids.device)
-            at += n
-        row_pos[r, at:] = torch.arange(width - at, device=ids.device)
-    hidden = body(input_ids=row_ids, position_ids=row_pos, use_cache=False, **kwargs).last_hidden_state
-    return hidden.reshape(-1, hidden.shape[-1])[where]
+        at = r * width
+        for i in (i for g in row for i in forest.groups[g]):  # parents before children
+            n, k = lengths[i], forest.shared[i]
+            own = torch.arange(at, at + n - k, device=device)
+            flat[i] = own if k == 0 else torch.cat([flat[forest.parent[i]][:k], own])
+            row_ids[own], row_pos[own] = seqs[i][k:], torch.arange(k, n, device=device)
+            # token t (>= k, computed here) attends to the places of tokens 0..t
+            mask[r, own[:, None] - r * width, flat[i][None, :] - r * width] = \
+                torch.ones(n, n, dtype=torch.bool, device=device).tril()[k:]
+            at += n - k
+        row_pos[at:(r + 1) * width] = torch.arange((r + 1) * width - at, device=device)
+    if any(forest.shared):
+        kwargs["attention_mask"] = attention_mask(body, mask[:, None])
+    hidden = body(input_ids=row_ids.view(len(rows), width), position_ids=row_pos.view(len(rows), width),
+                  use_cache=False, **kwargs).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])[torch.cat(flat)]
+
+
+def shares_prefixes(body: Any) -> bool:
+    """Does `body`'s attention take the 4-D mask that lets sequences share their first tokens? (sdpa, eager)"""
+    return getattr(body.config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def attention_mask(body: Any, allowed: Tensor) -> Tensor:
+    """`allowed` [rows, 1, W, W] (True: the query may attend to the key) as `body`'s attention takes a ready mask:
+    boolean for sdpa, additive (0 / the dtype's minimum) for eager."""
+    if body.config._attn_implementation == "sdpa":
+        return allowed
+    dtype = body.get_input_embeddings().weight.dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def packed_body(body: Any, input_ids: Tensor, keep: Tensor, **kwargs: Any) -> Tensor:
