@@ -127,14 +127,18 @@ def segments_body(body: Any, ids: Tensor, lengths: list[int], **kwargs: Any) -> 
     of `body` (a transformers base model) over ~total / ROW_TOKENS packed rows (`row_plan`). Sequences that begin
     alike compute their common first tokens once (`prefix_forest`; sdpa and eager attention, which take the mask
     that says so); the others are told apart by position_ids restarting at 0. A row's unused tail is padding: a
-    sequence of its own that no real token attends to."""
-    seqs = list(ids.split(lengths))
+    sequence of its own that no real token attends to. The rows are laid out from the sequences sorted by their
+    tokens: the same sequences in any order give the same rows, so the same numbers (a minibatch in shuffled order
+    computes exactly what the whole batch did)."""
+    split = list(ids.split(lengths))
+    order = sorted(range(len(split)), key=lambda i: split[i].tolist())
+    seqs, lengths = [split[i] for i in order], [lengths[i] for i in order]
     forest = prefix_forest(seqs, ROW_TOKENS) if shares_prefixes(body) else no_sharing(len(seqs))
     sizes = [forest.size(g, lengths) for g in forest.groups]
     rows = row_plan(sizes, ROW_TOKENS)
     width = max(sum(sizes[g] for g in row) for row in rows)
     device = ids.device
-    row_ids = ids.new_full((len(rows), width), int(ids[0])).view(-1)
+    row_ids = ids.new_full((len(rows), width), int(seqs[0][0])).view(-1)
     row_pos = torch.arange(width, device=device).repeat(len(rows), 1).view(-1)
     mask = torch.eye(width, dtype=torch.bool, device=device).repeat(len(rows), 1, 1)  # tails: themselves only
     flat: list[Tensor] = [ids] * len(seqs)  # per sequence, the place of each of its tokens in the rows x width layout
@@ -154,7 +158,13 @@ def segments_body(body: Any, ids: Tensor, lengths: list[int], **kwargs: Any) -> 
         kwargs["attention_mask"] = attention_mask(body, mask[:, None])
     hidden = body(input_ids=row_ids.view(len(rows), width), position_ids=row_pos.view(len(rows), width),
                   use_cache=False, **kwargs).last_hidden_state
-    return hidden.reshape(-1, hidden.shape[-1])[torch.cat(flat)]
+    # gathered in the sorted order, then put back in the given one: a shared token's gradient is summed over its
+    # sequences in the same order whatever the given order was
+    sorted_hidden = hidden.reshape(-1, hidden.shape[-1])[torch.cat(flat)]
+    starts = torch.tensor([0, *lengths], device=device).cumsum(0)
+    place = {i: j for j, i in enumerate(order)}
+    return sorted_hidden[torch.cat([torch.arange(int(starts[place[i]]), int(starts[place[i] + 1]), device=device)
+                                    for i in range(len(order))])]
 
 
 def shares_prefixes(body: Any) -> bool:
