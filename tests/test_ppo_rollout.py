@@ -33,18 +33,15 @@ def run_ppo(policy: Path, out: Path, *overrides: str) -> tuple[list[dict], dict[
 
 def test_reusing_the_first_training_forward_changes_nothing(toy_policy: Path, tmp_path: Path, one_thread: None,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """One minibatch per epoch: the old log-probs/values come from the first training forward. The step must equal
-    one that computes them in a separate no-grad pass (the losses, KL and the trained adapter). One step: the next
-    step's samples are drawn from the updated policy, where a difference in the last bit (the weight gradients are
-    sums over the minibatch's rows, in the rollout's order or the shuffled one) can flip a token."""
+    """One minibatch per epoch: the old log-probs/values come from the first training forward. The run must equal
+    one that computes them in a separate no-grad pass (the losses, KL and the trained adapter)."""
     calls = []
     real = rl_policy.reuse_first_pass
     monkeypatch.setattr(rl_policy, "reuse_first_pass", lambda *a: calls.append(real(*a)) or calls[-1])
-    one_step = ("engine.dtype=float32", "ppo.steps=1", "log.save_every=1")
-    fast_rows, fast = run_ppo(toy_policy, tmp_path / "fast", *one_step)
-    assert calls == [True]
+    fast_rows, fast = run_ppo(toy_policy, tmp_path / "fast", "engine.dtype=float32")
+    assert calls == [True, True]
     monkeypatch.setattr(rl_policy, "reuse_first_pass", lambda *a: False)
-    slow_rows, slow = run_ppo(toy_policy, tmp_path / "slow", *one_step)
+    slow_rows, slow = run_ppo(toy_policy, tmp_path / "slow", "engine.dtype=float32")
     for key in ("loss/policy", "loss/value", "kl/ref", "policy/clipfrac", "entropy", "reward/mean"):
         assert [r[key] for r in fast_rows] == pytest.approx([r[key] for r in slow_rows], rel=1e-4, abs=1e-6), key
     assert fast.keys() == slow.keys()
@@ -304,69 +301,3 @@ def test_length_control_takes_the_length_trend_out_of_the_scores(toy_policy: Pat
                 assert cov == pytest.approx(0.0, abs=1e-5)
             else:
                 assert torch.equal(b.shaped, b.scores) and cov > 0.1
-
-
-def shared_system_rollout(vocab: int) -> rl_policy.Rollout:
-    """Four samples as a PPO batch holds them: prompts of 9-13 tokens that open with the same 4-token system turn
-    (left-padded to 13), responses of 3-6 tokens (right-padded to 6)."""
-    from align.generation import Sample
-
-    gen = torch.Generator().manual_seed(8)
-    system = torch.randint(3, vocab, (4,), generator=gen).tolist()
-    samples = [Sample("", system + torch.randint(3, vocab, (p,), generator=gen).tolist(),
-                      torch.randint(3, vocab, (r,), generator=gen).tolist(), True)
-               for p, r in ((5, 6), (9, 3), (7, 5), (6, 4))]
-    return rl_policy.collate(samples, pad_id=0)
-
-
-def test_packed_rollout_passes_give_the_padded_numbers(tiny_model: Path, one_thread: None) -> None:
-    """Padding-free rollout passes (`pack_rollouts`): the policy's logits and values, the adapter-disabled
-    reference's logits, and the gradients of a loss on them equal the padded passes' at every response token, while
-    the body sees only the real tokens, the shared system turn once."""
-    policy = lora_policy(tiny_model)  # an adapter that has trained (B off zero): its path counts in the numbers
-    actor = rl_policy.ActorCritic(policy).eval()
-    torch.nn.init.normal_(actor.value_head.weight, std=0.5)
-    rollout = shared_system_rollout(policy.config.vocab_size)
-    mask = rollout.response_mask.bool()
-    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(10))
-
-    def passes() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        actor.zero_grad()
-        logits, values = actor(rollout.input_ids, rollout.attention_mask, rollout.position_ids, rollout.response_width)
-        with torch.no_grad():
-            ref, _ = actor(rollout.input_ids, rollout.attention_mask, rollout.position_ids, rollout.response_width,
-                           reference=True)
-        lp = rl_policy.logprobs_from_logits(logits, rollout.response_ids)
-        ((lp + values) * weights)[mask].sum().backward()
-        grads = {n: p.grad.clone() for n, p in actor.named_parameters() if p.grad is not None}
-        return lp.detach()[mask], values.detach()[mask], torch.log_softmax(ref, -1)[mask], grads
-
-    padded = passes()
-    seen: list[int] = []
-    policy.get_base_model().model.embed_tokens.register_forward_hook(
-        lambda module, args, out: seen.append(args[0].numel()))
-    assert rl_policy.pack_rollouts([policy], rollout) is True
-    packed = passes()
-    # 4 x 19 padded positions; the real tokens are 15 + 16 + 16 + 14 = 61, the system turn 3 times fewer: 49
-    assert seen[-2:] == [49, 49]
-    for got, want in zip(packed[:3], padded[:3]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert packed[3].keys() == padded[3].keys() and any("value_head" in n for n in packed[3])
-    for name, g in packed[3].items():  # fp32 sums in another order: ~1e-6 of each tensor's norm
-        assert (g - padded[3][name]).norm() <= 1e-5 * padded[3][name].norm(), name
-
-
-def test_packed_rollout_passes_refused_where_they_differ(tiny_model: Path, one_thread: None,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Attention that ignores the packed layout's mask mixes the samples: the check leaves every model padded."""
-    from test_speedups_pairs import causal_only
-    from transformers import AutoModelForCausalLM
-
-    policy = lora_policy(tiny_model)
-    with torch.no_grad():  # a sharp head: next-token distributions that depend on the context
-        policy.get_base_model().lm_head.weight.normal_(0.0, 1.0)
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    rollout = shared_system_rollout(policy.config.vocab_size)
-    causal_only(monkeypatch)
-    assert rl_policy.pack_rollouts([reference, policy], rollout) is False
-    assert not getattr(policy, rl_policy.PACKED) and not getattr(reference, rl_policy.PACKED)

@@ -398,3 +398,28 @@ def test_reward_packing_with_shared_prompts_checked(tiny_model, one_thread, monk
     assert padding_free_classifier(model, probe) is False
     monkeypatch.undo()
     assert padding_free_classifier(model, probe) is True
+
+
+def test_packed_rows_give_the_same_numbers_in_any_row_order(tiny_model, one_thread):
+    """The rows are laid out from the sequences sorted by their tokens: a shuffled minibatch of the same sequences
+    computes bit for bit what the batch in its own order did (hidden states and gradients)."""
+    from transformers import AutoModelForCausalLM
+
+    from align.models import packed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ids, keep = shared_prompt_batch(model.config.vocab_size)
+    weights = torch.randn(*ids.shape, model.config.hidden_size, generator=torch.Generator().manual_seed(11))
+
+    def run(order: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        hidden = packed.packed_body(model.model, ids[order], keep[order])
+        (hidden * weights[order]).sum().backward()
+        return hidden.detach()[order.argsort()], {n: p.grad.clone() for n, p in model.named_parameters()
+                                                  if p.grad is not None}
+
+    first, first_grads = run(torch.arange(4))
+    for order in ([3, 1, 0, 2], [2, 3, 1, 0]):
+        hidden, grads = run(torch.tensor(order))
+        assert torch.equal(hidden, first)
+        assert all(torch.equal(g, first_grads[n]) for n, g in grads.items())

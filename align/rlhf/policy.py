@@ -95,10 +95,14 @@ class ActorCritic(nn.Module):
         keep = response_width + 1  # positions P-1 .. P+R-1; the last one predicts nothing we scored
         if reference:
             with self.policy.disable_adapter():
-                return tail_outputs(self.policy, input_ids, attention_mask, position_ids, keep)[0].float(), None
-        logits, hidden = tail_outputs(self.policy, input_ids, attention_mask, position_ids, keep,
-                                      with_hidden=self.critic is None)
+                out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  logits_to_keep=keep, use_cache=False)
+            return out.logits[:, :-1].float(), None
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          logits_to_keep=keep, output_hidden_states=self.critic is None, use_cache=False)
+        logits = out.logits[:, :-1]
         if self.critic is None:
+            hidden = out.hidden_states[-1][:, -keep:-1]
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         else:
             c = self.critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -106,54 +110,6 @@ class ActorCritic(nn.Module):
             hidden = c.hidden_states[-1][:, -keep:-1]
             values = score_head(self.critic)(hidden).squeeze(-1)
         return logits, values.float()
-
-
-PACKED = "_align_packed_rollouts"  # set on a causal LM by `pack_rollouts`: its rollout passes run padding-free
-
-
-def tail_outputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, keep: int,
-                 with_hidden: bool = False) -> tuple[Tensor, Tensor | None]:
-    """A causal LM's logits [B, keep-1, V] at the last `keep` columns but the final one (those predicting the
-    response tokens), and the last hidden states there when `with_hidden`. Padding-free where `pack_rollouts`
-    switched the model on: the body sees only the real tokens, in packed rows (align/models/packed.py: prompts
-    shorter than the longest are not padded, a shared system turn is computed once), and the head only those
-    columns; else the model's own padded forward (`logits_to_keep`)."""
-    if getattr(model, PACKED, False):
-        from align.models.packed import packed_body
-
-        target = model.get_base_model() if hasattr(model, "get_base_model") else model
-        body = getattr(target, target.base_model_prefix)
-        hidden = packed_body(body, input_ids, attention_mask.bool())[:, -keep:-1].contiguous()
-        return model.get_output_embeddings()(hidden), hidden
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep,
-                output_hidden_states=with_hidden, use_cache=False)
-    return out.logits[:, :-1], out.hidden_states[-1][:, -keep:-1] if with_hidden else None
-
-
-def pack_rollouts(models: list[nn.Module], rollout: Rollout) -> bool:
-    """Run the rollout passes of `models` (causal LMs: the policy, the reference copy) padding-free (`tail_outputs`)
-    where that is the same function: on a CPU (where the padding-free path is measured and tested), for plain LM
-    heads (`align.models.lm_head.plain_head`), and checked, not assumed: on the first rows of `rollout` every
-    model's response log-probs must equal its padded pass's, else none is switched on. True if switched on."""
-    from align.models.lm_head import plain_head
-
-    probe = rollout.rows(slice(0, 4))
-    mask = probe.response_mask.bool()
-    R = probe.response_width
-    same = all(model_device(m).type == "cpu" and plain_head(m) for m in models)
-    with torch.no_grad():
-        for model in models if same else []:
-            outs = []
-            for flag in (False, True):
-                setattr(model, PACKED, flag)
-                logits = tail_outputs(model, probe.input_ids, probe.attention_mask, probe.position_ids, R + 1)[0]
-                outs.append(torch.log_softmax(logits.float(), dim=-1)[mask])
-            # fp32: the same sums in another order (~1e-6); sequences leaking into each other move them far more
-            tolerance = 1e-4 if weights_dtype(model) == torch.float32 else 3e-2
-            same = same and bool(torch.allclose(outs[0], outs[1], rtol=tolerance, atol=tolerance))
-    for model in models:
-        setattr(model, PACKED, same)
-    return same
 
 
 def score_head(classifier: nn.Module) -> nn.Module:
@@ -272,7 +228,8 @@ def sync_rollout_copy(clone: nn.Module, policy: nn.Module, method: str) -> None:
 def response_logits(model: nn.Module, rollout: Rollout) -> Tensor:
     """Logits predicting each response token: [B, R, V] in fp32 (a plain causal LM, no value head)."""
     R = rollout.response_width
-    return tail_outputs(model, rollout.input_ids, rollout.attention_mask, rollout.position_ids, R + 1)[0].float()
+    return model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                 position_ids=rollout.position_ids, logits_to_keep=R + 1, use_cache=False).logits[:, :-1].float()
 
 
 def trainable_state(module: nn.Module) -> dict[str, Tensor]:

@@ -43,7 +43,6 @@ class Trainer:
     start: int = 0
     sharding: Sharding = ""  # how the launch splits parameters / optimizer state (align.rlhf.sharded)
     tracker: Any = None  # MLflow / W&B (log.report_to), same metric names as metrics.jsonl; TensorBoard is `tb`
-    packed: bool | None = None  # rollout passes padding-free (`align.rlhf.policy.pack_rollouts`); None: not checked yet
 
     @property
     def sum_over_processes(self) -> Any:

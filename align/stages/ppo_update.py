@@ -29,20 +29,17 @@ def compute_advantages(cfg: Config, t: Trainer, batch: Batch) -> Advantages:
     """Old log-probs, values and reference log-probs under the sampling policy -> per-token rewards (−β·KL
     everywhere, the shaped score on the last token) -> GAE, whitened over every process's tokens."""
     from align.rlhf.core import gae, kl_penalty, tis_weights, token_rewards, whiten
-    from align.rlhf.policy import pack_rollouts, reuse_first_pass, score_rollout
+    from align.rlhf.policy import reuse_first_pass, score_rollout
 
     t0 = time.perf_counter()
     rollout, mask = batch.rollout, batch.rollout.response_mask
-    reference = t.reference if t.fast_reference is None else t.fast_reference
-    if t.packed is None:  # checked once, on the first rollout; a sharded model's forwards stay its wrapper's
-        t.packed = not t.sharding and pack_rollouts([t.actor.policy, *filter(None, [reference])], rollout)
     # One minibatch and no dropout: the first training forward is also the old-policy pass (`ppo_update` reuses it).
     first = (t.model(rollout.input_ids, rollout.attention_mask, rollout.position_ids, rollout.response_width)
              if reuse_first_pass(t.model, len(batch.samples), cfg.ppo.mini_batch_size, cfg.ppo.grad_accum) else None)
     # FSDP: every forward goes through the root wrapper, which gathers the parameters (the unwrapped module's
     # would see shards); elsewhere the unwrapped ActorCritic, as DDP needs no hooks for a no-grad pass.
     forward = t.model if t.sharding.startswith("fsdp") else t.actor
-    old = score_rollout(forward, reference, rollout,
+    old = score_rollout(forward, t.reference if t.fast_reference is None else t.fast_reference, rollout,
                         chunk=cfg.ppo.mini_batch_size, temperature=cfg.sampling.temperature, first=first)
     kl = kl_penalty(old["logprobs"], old["ref_logprobs"], cfg.kl.estimator) * mask
     rewards = token_rewards(batch.shaped.to(t.acc.device), kl, mask, t.kl_ctl.value)
