@@ -11,6 +11,15 @@ Rows, not one row (`segments_body`): attention over a packed row computes every 
 masks the pairs of different sequences, so one row of N tokens costs N² where the sequences alone need Σ n².
 Sequences go into about total / ROW_TOKENS rows, filled evenly.
 
+Shared first tokens (`prefix_forest`): a causal model's hidden state at a position depends on the tokens up to it
+only, so sequences that begin alike have the same hidden states there. A preference batch's chosen and rejected
+answers follow the same prompt, and a chat template often opens every sequence with the same system turn; those
+tokens are computed once, and each sequence's own tokens attend to them through a 4-D mask (sdpa, eager). The
+gradient of a shared token is the sum over the sequences that read it, as it would be for copies. On the demo pairs
+the prompt is 23% of a pair's tokens; 8-step runs of the default model, old vs new in turns, one sitting: DPO
+0.460 / 0.493 -> 0.542 / 0.551 pairs/s, reward 1.253 / 1.139 -> 1.452 / 1.167 pairs/s, SFT 136.9 / 121.9 ->
+158.9 / 132.0 tokens/s. (PPO's rollouts, 5.5% padding and no shared prompts, gained nothing: padded there.)
+
 `padding_free_classifier` makes a sequence classifier (the reward model) do this inside its own forward, so
 TRL's RewardTrainer, its loss and its metrics are untouched; the score is read where transformers reads it.
 """
