@@ -214,6 +214,14 @@ def both_sides_padded(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(3, vocab, (5, 14), generator=gen).masked_fill(~keep, 0), keep
 
 
+def hidden_and_grads(model, weights, keep, run) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`run()`'s hidden states at the real tokens (`keep`) and the gradients of a fixed weighted sum of them."""
+    model.zero_grad()
+    hidden = run()
+    (hidden * weights)[keep].sum().backward()
+    return hidden.detach()[keep], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("leak", [False, True])
 def test_packed_rows_give_the_padded_hidden_states_and_gradients(tiny_model, one_thread, monkeypatch, leak):
     import transformers.masking_utils as masking
@@ -226,20 +234,14 @@ def test_packed_rows_give_the_padded_hidden_states_and_gradients(tiny_model, one
     ids, keep = both_sides_padded(model.config.vocab_size)
     weights = torch.randn(*ids.shape, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
 
-    def hidden_and_grads(run):
-        model.zero_grad()
-        hidden = run()
-        (hidden * weights)[keep].sum().backward()
-        return hidden.detach()[keep], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
     positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
-    plain, plain_grads = hidden_and_grads(lambda: model.model(input_ids=ids, attention_mask=keep.long(),
-                                                              position_ids=positions).last_hidden_state)
+    plain, plain_grads = hidden_and_grads(model, weights, keep, lambda: model.model(
+        input_ids=ids, attention_mask=keep.long(), position_ids=positions).last_hidden_state)
     if leak:  # attention that ignores the packed boundaries: what the check must tell apart
         monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
     shapes: list[tuple[int, ...]] = []
     hook = model.model.embed_tokens.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
-    hidden, grads = hidden_and_grads(lambda: packed.packed_body(model.model, ids, keep))
+    hidden, grads = hidden_and_grads(model, weights, keep, lambda: packed.packed_body(model.model, ids, keep))
     hook.remove()
     assert shapes == [(4, 11)]  # 37 real tokens in 4 rows of 11, instead of 5 x 14 padded or 1 x 37
     close = torch.allclose(hidden, plain, rtol=1e-5, atol=1e-5)
@@ -335,16 +337,11 @@ def test_shared_prompts_are_computed_once_with_the_padded_numbers(tiny_model, on
     ids, keep = shared_prompt_batch(model.config.vocab_size)  # 11 + 14 + 9 + 9 = 43 tokens
     weights = torch.randn(*ids.shape, model.config.hidden_size, generator=torch.Generator().manual_seed(7))
 
-    def hidden_and_grads(run):
-        model.zero_grad()
-        hidden = run()
-        (hidden * weights)[keep].sum().backward()
-        return hidden.detach()[keep], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain, plain_grads = hidden_and_grads(lambda: model.model(input_ids=ids, attention_mask=keep.long()).last_hidden_state)
+    plain, plain_grads = hidden_and_grads(model, weights, keep, lambda: model.model(
+        input_ids=ids, attention_mask=keep.long()).last_hidden_state)
     seen: list[int] = []
     model.model.embed_tokens.register_forward_hook(lambda module, args, out: seen.append(args[0].numel()))
-    hidden, grads = hidden_and_grads(lambda: packed.packed_body(model.model, ids, keep))
+    hidden, grads = hidden_and_grads(model, weights, keep, lambda: packed.packed_body(model.model, ids, keep))
     # the pairs' prompts (5, 7) once each, then the shared system turn (2) once: 43 - 14 = 29 tokens in one row
     assert seen == [29]
     torch.testing.assert_close(hidden, plain, rtol=1e-5, atol=1e-5)
