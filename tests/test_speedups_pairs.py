@@ -420,3 +420,30 @@ def test_packed_rows_give_the_same_numbers_in_any_row_order(tiny_model, one_thre
         hidden, grads = run(torch.tensor(order))
         assert torch.equal(hidden, first)
         assert all(torch.equal(g, first_grads[n]) for n, g in grads.items())
+
+
+def test_identical_and_contained_sequences_read_their_partners_tokens(tiny_model, one_thread):
+    """A rejected answer equal to the chosen one (or both cut to the prompt by max_length) computes nothing of its
+    own; a sequence that is the start of another reads that one's hidden states. Same numbers as the padded pass."""
+    from transformers import AutoModelForCausalLM
+
+    from align.models import packed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(12)
+    long = torch.randint(3, model.config.vocab_size, (10,), generator=gen)
+    seqs = [long, long.clone(), long[:6], torch.randint(3, model.config.vocab_size, (5,), generator=gen)]
+    ids = torch.zeros(4, 10, dtype=torch.long)
+    keep = torch.zeros(4, 10, dtype=torch.bool)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)], keep[row, :len(s)] = s, True
+    weights = torch.randn(*ids.shape, model.config.hidden_size, generator=gen)
+    plain, plain_grads = hidden_and_grads(model, weights, keep, lambda: model.model(
+        input_ids=ids, attention_mask=keep.long()).last_hidden_state)
+    seen: list[int] = []
+    model.model.embed_tokens.register_forward_hook(lambda module, args, out: seen.append(args[0].numel()))
+    hidden, grads = hidden_and_grads(model, weights, keep, lambda: packed.packed_body(model.model, ids, keep))
+    assert seen == [15]  # the 10 tokens once, the unrelated 5: one row
+    torch.testing.assert_close(hidden, plain, rtol=1e-5, atol=1e-5)
+    for name, g in grads.items():
+        assert (g - plain_grads[name]).norm() <= 1e-5 * plain_grads[name].norm(), name
