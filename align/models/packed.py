@@ -130,7 +130,6 @@ def no_sharing(n: int) -> PrefixForest:
     return PrefixForest([-1] * n, [0] * n, [[i] for i in range(n)])
 
 
-
 def segments_body(body: Any, ids: Tensor, lengths: list[int], **kwargs: Any) -> Tensor:
     """Last hidden states [N, H] of the sequences laid end to end in `ids` [N] (`lengths`, in order), from one pass
     of `body` (a transformers base model) over ~total / ROW_TOKENS packed rows (`row_plan`). Sequences that begin
@@ -149,7 +148,8 @@ def segments_body(body: Any, ids: Tensor, lengths: list[int], **kwargs: Any) -> 
     device = ids.device
     row_ids = ids.new_full((len(rows), width), int(seqs[0][0])).view(-1)
     row_pos = torch.arange(width, device=device).repeat(len(rows), 1).view(-1)
-    mask = torch.eye(width, dtype=torch.bool, device=device).repeat(len(rows), 1, 1)  # tails: themselves only
+    # a row's tail attends to itself only; without shared tokens position_ids alone tell the sequences apart
+    mask = torch.eye(width, dtype=torch.bool, device=device).repeat(len(rows), 1, 1) if any(forest.shared) else None
     flat: list[Tensor] = [ids] * len(seqs)  # per sequence, the place of each of its tokens in the rows x width layout
     for r, row in enumerate(rows):
         at = r * width
@@ -158,12 +158,12 @@ def segments_body(body: Any, ids: Tensor, lengths: list[int], **kwargs: Any) -> 
             own = torch.arange(at, at + n - k, device=device)
             flat[i] = own if k == 0 else torch.cat([flat[forest.parent[i]][:k], own])
             row_ids[own], row_pos[own] = seqs[i][k:], torch.arange(k, n, device=device)
-            # token t (>= k, computed here) attends to the places of tokens 0..t
-            mask[r, own[:, None] - r * width, flat[i][None, :] - r * width] = \
-                torch.ones(n, n, dtype=torch.bool, device=device).tril()[k:]
+            if mask is not None:  # token t (>= k, computed here) attends to the places of tokens 0..t
+                mask[r, own[:, None] - r * width, flat[i][None, :] - r * width] = \
+                    torch.ones(n, n, dtype=torch.bool, device=device).tril()[k:]
             at += n - k
         row_pos[at:(r + 1) * width] = torch.arange((r + 1) * width - at, device=device)
-    if any(forest.shared):
+    if mask is not None:
         kwargs["attention_mask"] = attention_mask(body, mask[:, None])
     hidden = body(input_ids=row_ids.view(len(rows), width), position_ids=row_pos.view(len(rows), width),
                   use_cache=False, **kwargs).last_hidden_state
