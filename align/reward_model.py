@@ -77,6 +77,7 @@ class RewardModel:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.packed: bool | None = None  # batches run as packed rows (decided on the first batch, on a CPU)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         if not tokenizer.chat_template:
@@ -124,26 +125,42 @@ class RewardModel:
         return scores[: len(records)], scores[len(records):]
 
     def score_ids(self, ids: Sequence[Sequence[int]]) -> list[float]:
-        """Rewards for already-encoded sequences, batched by similar length (right padding, as in training)."""
+        """Rewards for already-encoded sequences. On a CPU a batch runs as packed rows where the model scores them as
+        it scores padded ones (`padding_free_classifier`, checked on the first batch): no compute on padding, and
+        sequences that begin alike (one prompt's several answers, the chat template's system turn) compute their
+        first tokens once, so they are batched in token order. Else batches of similar length, right-padded as in
+        training."""
         import torch
 
+        from align.models.packed import padding_free_classifier
+
         device = next(self.model.parameters()).device
-        pad_id = self.tokenizer.pad_token_id
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        if self.packed is None and len(ids) > 1:
+            self.packed = device.type == "cpu" and padding_free_classifier(self.model, self._batch(ids, order[:2]))
+        if self.packed:
+            order = sorted(range(len(ids)), key=lambda i: list(ids[i]))
         out = [0.0] * len(ids)
         for start in range(0, len(order), self.batch_size):
             idx = order[start: start + self.batch_size]
-            width = max(len(ids[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)  # [batch, width]
-            mask = torch.zeros((len(idx), width), dtype=torch.long)  # [batch, width]
-            for row, i in enumerate(idx):
-                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                mask[row, : len(ids[i])] = 1
             with torch.inference_mode():
-                logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # [b, 1]
+                logits = self.model(**self._batch(ids, idx)).logits  # [b, 1]
             for i, value in zip(idx, logits[:, 0].float().tolist()):
                 out[i] = value
         return out
+
+    def _batch(self, ids: Sequence[Sequence[int]], idx: list[int]) -> dict[str, Any]:
+        """input_ids and attention_mask [len(idx), width] of the sequences `idx`, right-padded, on the model's device."""
+        import torch
+
+        device = next(self.model.parameters()).device
+        width = max(len(ids[i]) for i in idx)
+        input_ids = torch.full((len(idx), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+            mask[row, : len(ids[i])] = 1
+        return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
 # ---- held-out metrics: pure functions over lists of rewards ----

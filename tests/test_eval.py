@@ -202,6 +202,27 @@ def test_exact_sequence_kl_sums_the_per_prefix_kl_along_each_response() -> None:
     assert got == pytest.approx([kl0 + kl1, kl0, kl1], abs=1e-6)
 
 
+def test_exact_sequence_kl_batches_rows_of_similar_length() -> None:
+    from align.generation import Sample
+
+    class Recording(Bigram):
+        def __call__(self, input_ids, logits_to_keep: int, **kw: object):
+            shapes.append(tuple(input_ids.shape))
+            return super().__call__(input_ids, logits_to_keep, **kw)
+
+    shapes: list[tuple[int, ...]] = []
+    uniform = [[1 / 3] * 3] * 3
+    policy, ref = Recording([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]), Recording(uniform)
+    long, short = [0, 1, 0, 1, 0], [1]
+    samples = [Sample("", [0], long, True), Sample("", [0], short, True), Sample("", [0], long, True),
+               Sample("", [0], short, True)]
+    got = eval_stage.exact_sequence_kl(policy, ref, samples, pad_id=2, chunk=2)
+    # the two short rows share a batch (width 1 + 1), the two long ones the other: no row padded by 4 tokens
+    assert sorted(shapes) == [(2, 2), (2, 2), (2, 6), (2, 6)]
+    alone = [eval_stage.exact_sequence_kl(policy, ref, [s], pad_id=2, chunk=1)[0] for s in samples]
+    assert got == pytest.approx(alone, abs=1e-6) and got[0] != pytest.approx(got[1])
+
+
 def test_a_stacked_adapter_is_measured_against_sft_not_its_own_base(
         tmp_path: Path, prompts: Path, models: dict[str, Path]) -> None:
     from transformers import AutoTokenizer

@@ -143,6 +143,35 @@ def test_scores_equal_plain_transformers_and_peft(trained: Path, tiny_model: Pat
         assert theirs == pytest.approx(ours, abs=1e-4)
 
 
+def test_scoring_runs_packed_rows_with_shared_prompts_computed_once(trained: Path) -> None:
+    import torch
+
+    from align.models.packed import common_prefix
+    from align.reward_model import encode
+
+    prompts = [[{"role": "user", "content": f"How do I {verb} {food}?"}] for verb, food in
+               (("roast", "cod"), ("poach", "eggs")) for _ in range(4)]
+    # answer lengths interleave the two prompts: batched by length, each batch of 4 would hold both prompts
+    words = "Heat well then add some salt and more pepper".split()
+    responses = [" ".join(words[: 2 * i + 1 + (j >= 4)]) for j in range(8) for i in [j % 4]]
+    packed, padded = RewardModel.load(trained, batch_size=4), RewardModel.load(trained, batch_size=4)
+    padded.packed = False
+    want = padded.score(prompts, responses)
+    assert packed.score(prompts, responses) == pytest.approx(want, abs=1e-5) and packed.packed
+    seen: list[int] = []
+    hook = packed.model.model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["input_ids"].numel()), with_kwargs=True)
+    try:
+        assert packed.score(prompts[::-1], responses[::-1]) == pytest.approx(want[::-1], abs=1e-5)
+    finally:
+        hook.remove()
+    ids = [encode(packed.tokenizer, p, [{"role": "assistant", "content": r}]) for p, r in zip(prompts, responses)]
+    shared = common_prefix(torch.tensor(ids[0]), torch.tensor(ids[1]))  # one prompt's answers share this much
+    assert shared > 20
+    # batched in token order, a batch per prompt: each computes its shared first tokens once (3 x 2 copies saved)
+    assert len(seen) == 2 and sum(seen) <= sum(map(len, ids)) - 6 * shared
+
+
 def test_sft_adapter_base_is_merged_and_materialized(tiny_model: Path, small_files: tuple[Path, Path],
                                                      tmp_path: Path) -> None:
     """The default base is the SFT run: a causal-LM LoRA adapter. It is merged for training and saved as base/."""

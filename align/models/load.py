@@ -365,6 +365,10 @@ def load_model(path: Path, *, dtype: str = "auto", load_in_4bit: bool = False, t
                 raise ModelError(f"{adapter} is a prompt-learning adapter and cannot be merged into the weights; "
                                  f"train the earlier stage with peft.method=lora (or another LoRA-family method)")
             model = model.merge_and_unload()
+        else:
+            from align.models.fused_lora import fuse_lora
+
+            fuse_lora(model)  # a live adapter: base and adapter products summed in one node
         if exact and torch_dtype != torch.float32:
             model = model.to(torch_dtype)
     if getattr(model.config, "pad_token_id", None) is None:

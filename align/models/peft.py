@@ -17,6 +17,7 @@ import torch
 
 from align.config import opt
 from align.errors import ConfigError
+from align.models.fused_lora import fuse_lora
 from align.models.lean import lean_lora_dropout, lean_swiglu
 
 Method = Literal["lora", "qlora", "dora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning",
@@ -95,6 +96,7 @@ def attach_peft(model: Any, s: PeftSettings, *, total_steps: int = 100, task_typ
             config = peft.LoraConfig(**kwargs, use_dora=(m == "dora"))
         model = peft.get_peft_model(model, config)
         lean_lora_dropout(model)  # the same dropout, without a float copy of each adapted input kept for backward
+        fuse_lora(model)  # the same sum, in one autograd node per adapted layer
         targets = ["k_proj", "v_proj", "down_proj"] if m == "ia3" else s.target_modules
         what = f"{m} adapters on {targets}" + (f" + {list(extra_trainable)}" if extra_trainable else "")
     elif m in ("prompt_tuning", "prefix_tuning", "p_tuning"):

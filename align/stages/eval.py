@@ -195,14 +195,18 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
 def exact_sequence_kl(policy: Any, reference: Any, samples: list[Sample], pad_id: int, chunk: int = 4) -> list[float]:
     """Per sample: Σ over its response positions of the exact per-token KL(π(·|prefix) ‖ π_ref(·|prefix)).
 
-    `chunk` rows at a time: each holds two [chunk, R, V] fp32 logit tensors (V = 49k for the default model)."""
+    `chunk` rows at a time: each holds two [chunk, R, V] fp32 logit tensors (V = 49k for the default model). Rows
+    are batched in order of length (prompts left-padded, responses right-padded: similar lengths pad little)."""
     from align.rlhf.policy import collate, model_device, response_logits
 
-    out: list[float] = []
+    order = sorted(range(len(samples)), key=lambda i: (len(samples[i].response_ids), len(samples[i].prompt_ids)))
+    out = [0.0] * len(samples)
     for start in progress(range(0, len(samples), chunk), desc="eval: KL", unit="batch"):
-        batch = collate(samples[start:start + chunk], pad_id).to(model_device(policy))
+        rows = order[start:start + chunk]
+        batch = collate([samples[i] for i in rows], pad_id).to(model_device(policy))
         kl = token_kl(response_logits(policy, batch), response_logits(reference, batch.to(model_device(reference))))
-        out += (kl * batch.response_mask).sum(-1).tolist()
+        for i, value in zip(rows, (kl * batch.response_mask).sum(-1).tolist()):
+            out[i] = value
     return out
 
 
