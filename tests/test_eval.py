@@ -272,6 +272,28 @@ def test_system_prompt_reaches_every_rendered_prompt(tmp_path: Path, prompts: Pa
     assert all(r["prompt"][0] == {"role": "system", "content": "Answer like a pirate."} for r in rows)
 
 
+def test_policies_are_merged_and_prepacked_for_eval_and_prompt_learning_stays_live(
+        models: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from align.models.prepacked import PrepackedLinear, prepacking_is_faster
+
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    model, _ = eval_stage.load_policy(models["moved"], "float32", False)
+    assert not isinstance(model, PeftModel) and not any("lora" in name for name, _ in model.named_modules())
+    assert any(isinstance(m, PrepackedLinear) for m in model.modules()) == prepacking_is_faster(torch.float32)
+    live = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), models["moved"]).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, live(input_ids=ids).logits, atol=1e-4)
+    prompt_tuned = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                  PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    prompt_tuned.save_pretrained(tmp_path / "prompt")
+    model, _ = eval_stage.load_policy(tmp_path / "prompt", "float32", False)
+    assert isinstance(model, PeftModel) and model.peft_config["default"].is_prompt_learning
+
+
 def test_sampling_batch_by_batch_gives_the_samples_of_one_call(models: dict[str, Path]) -> None:
     """eval samples one batch at a time (for its progress bar) with the seed the sampler gives a batch at that
     offset: the samples are exactly those of one call over every prompt."""

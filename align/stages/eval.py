@@ -102,11 +102,24 @@ class PolicyResult:
 # ---------------------------------------------------------------- models
 
 def load_policy(path: Path, dtype: str, trust_remote_code: bool) -> tuple[Any, Any]:
-    """(model, tokenizer) for sampling; an adapter stays live so `disable_adapter()` gives its reference."""
+    """(model, tokenizer) for sampling and the KL passes (forward passes only). A LoRA-family adapter is merged
+    into its base, as the generate stage's sampler does (the same model up to rounding, without the adapter's
+    products in every layer), and on a CPU the linear layers are prepacked where that measured faster
+    (`prepack_for_sampling`). Prompt-learning and X-LoRA adapters cannot be merged: they stay live."""
+    from align.models.load import is_adapter, load_model, load_tokenizer
     from align.models.policy import load_policy as load
+    from align.models.prepacked import prepack_for_sampling
 
-    policy = load(path, stage="eval", dtype=dtype, trust_remote_code=trust_remote_code)
-    return policy.model.to("cuda") if torch.cuda.is_available() else policy.model, policy.tokenizer
+    if is_adapter(path) and json.loads((path / "adapter_config.json").read_text()).get("peft_type") in LIVE_ONLY:
+        policy = load(path, stage="eval", dtype=dtype, trust_remote_code=trust_remote_code)
+        model, tokenizer = policy.model, policy.tokenizer
+    else:
+        model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, merge=True).eval()
+        tokenizer = load_tokenizer(path, trust_remote_code)
+    return model.to("cuda") if torch.cuda.is_available() else prepack_for_sampling(model), tokenizer
+
+
+LIVE_ONLY = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "XLORA")  # adapters that are not a weight delta
 
 
 @dataclass
