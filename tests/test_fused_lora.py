@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft.tuners.lora.layer import Linear as PeftLinear
+from test_lean import nonzero_lora_b
 
 from align.models import fused_lora
 from align.models.fused_lora import fuse_lora, lora_linear
@@ -39,13 +40,7 @@ def attached(tiny_model: Path, method: str = "lora", dropout: float = 0.3):
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    model = attach_peft(base, PeftSettings(method=method, r=4, alpha=8, dropout=dropout))[0]
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # a fresh B = 0 would leave every A gradient zero
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
+    return nonzero_lora_b(attach_peft(base, PeftSettings(method=method, r=4, alpha=8, dropout=dropout))[0])
 
 
 def unfused(model):

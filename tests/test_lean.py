@@ -66,12 +66,16 @@ def peft_lora(tiny_model: Path, dropout: float):
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
-                                            task_type="CAUSAL_LM"))
+    return nonzero_lora_b(get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                          target_modules="all-linear", task_type="CAUSAL_LM")))
+
+
+def nonzero_lora_b(model):
+    """`model` with random LoRA B weights: a fresh B = 0 would leave every A gradient zero."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:  # a fresh B = 0 would leave every A gradient zero
+            if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     return model
 

@@ -152,7 +152,7 @@ def test_scoring_runs_packed_rows_with_shared_prompts_computed_once(trained: Pat
     prompts = [[{"role": "user", "content": f"How do I {verb} {food}?"}] for verb, food in
                (("roast", "cod"), ("poach", "eggs")) for _ in range(4)]
     # answer lengths interleave the two prompts: batched by length, each batch of 4 would hold both prompts
-    words = "Heat well then add some salt and more pepper".split()
+    words = ["Heat", "well", "then", "add", "some", "salt", "and", "more", "pepper"]
     responses = [" ".join(words[: 2 * i + 1 + (j >= 4)]) for j in range(8) for i in [j % 4]]
     packed, padded = RewardModel.load(trained, batch_size=4), RewardModel.load(trained, batch_size=4)
     padded.packed = False
