@@ -38,28 +38,6 @@ def test_drawn_masks_keep_1_minus_p() -> None:
     assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.8))
 
 
-@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
-def test_keep_mask_is_independent_bernoulli_draws(p: float) -> None:
-    from align.models.lean import keep_mask
-
-    torch.manual_seed(0)
-    mask = keep_mask((500, 2000), p)
-    n = mask.numel()
-    assert mask.shape == (500, 2000) and mask.dtype == torch.bool
-    dropped = (~mask).flatten().float()
-    sd = (p * (1 - p) / n) ** 0.5
-    assert abs(dropped.mean().item() - p) < 5 * sd
-    # the drops spread evenly (first and last 10% of the elements), and neighbours are independent: P(both) = p²
-    tenth = n // 10
-    for part in (dropped[:tenth], dropped[-tenth:]):
-        assert abs(part.mean().item() - p) < 5 * (p * (1 - p) / tenth) ** 0.5
-    both = (dropped[1:] * dropped[:-1]).mean().item()
-    assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5
-    torch.manual_seed(0)
-    assert torch.equal(keep_mask((500, 2000), p), mask)  # the torch seed decides the mask
-    assert not torch.equal(keep_mask((500, 2000), p), mask)
-
-
 def peft_lora(tiny_model: Path, dropout: float):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
