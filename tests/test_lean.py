@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from align.models import lean as lean_module
-from align.models.lean import DropoutLinear, dropped_linear, lean_lora_dropout
+from align.models.lean import DropoutLinear, dropped_linear, keep_mask, lean_lora_dropout
 
 
 def test_dropped_linear_matches_dropout_then_linear_for_the_same_mask() -> None:
@@ -36,6 +36,40 @@ def test_drawn_masks_keep_1_minus_p() -> None:
     kept = (y != 0).float().mean().item()
     assert abs(kept - 0.8) < 0.005  # 200k Bernoulli draws: sd 0.0009
     assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.8))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.2, 0.6])
+def test_keep_mask_is_independent_bernoulli(p: float) -> None:
+    """Every element kept with probability 1 - p, independently of the others (drops drawn as Geometric gaps for a
+    small p, element by element for a large one): rate, spread over rows, neighbours, and a row's end and start."""
+    torch.manual_seed(0)
+    mask = keep_mask(torch.empty(2000, 500), p)
+    assert mask.shape == (2000, 500) and mask.dtype == torch.bool
+    drop = (~mask).double()
+    sd = (p * (1 - p) / drop.numel()) ** 0.5
+    assert abs(drop.mean().item() - p) < 5 * sd
+    per_row = drop.mean(1)  # 2000 rows of 500: their spread is the binomial one
+    assert abs(per_row.var().item() / (p * (1 - p) / 500) - 1) < 0.15
+    for a, b in ((drop[:, :-1], drop[:, 1:]), (drop[:-1, -1], drop[1:, 0])):  # neighbours, a row's end and the next's start
+        both = (a * b).mean().item()
+        assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / a.numel()) ** 0.5
+
+
+def test_keep_mask_patterns_have_bernoulli_probabilities() -> None:
+    """On 3 elements, with gaps drawn 1 or 2 at a time (the loop over chunks taken), each of the 8 patterns comes
+    out as often as independent draws give it."""
+    torch.manual_seed(0)
+    p, draws = 0.2, 20000
+    for chunk in (1, 2):
+        counts = torch.zeros(8)
+        for _ in range(draws):
+            m = keep_mask(torch.empty(3), p, chunk=chunk)
+            counts[int(m[0]) * 4 + int(m[1]) * 2 + int(m[2])] += 1
+        for pattern in range(8):
+            kept = pattern.bit_count()
+            expected = (1 - p) ** kept * p ** (3 - kept)
+            assert abs(counts[pattern].item() / draws - expected) < 5 * (expected * (1 - expected) / draws) ** 0.5, (
+                chunk, pattern)
 
 
 def peft_lora(tiny_model: Path, dropout: float):

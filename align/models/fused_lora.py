@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from align.models.lean import keep_mask
+
 
 class _LoraLinear(torch.autograd.Function):
     """y = x Wᵀ + b + s · ((x · mask / keep) Aᵀ) Bᵀ for x [..., in], W [out, in], A [r, in], B [out, r]."""
@@ -59,7 +61,7 @@ class _LoraLinear(torch.autograd.Function):
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float, p: float = 0.0) -> torch.Tensor:
     """x Wᵀ + b + scaling · (dropout(x, p) Aᵀ) Bᵀ, with W and b frozen (no gradient is returned for them)."""
-    mask = None if p == 0 else torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+    mask = None if p == 0 else keep_mask(x, p)
     return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, mask, 1.0 - p)
 
 

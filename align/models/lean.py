@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import types
 from typing import Any
 
@@ -46,10 +47,37 @@ class _DroppedLinear(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+GAP_DRAW_MAX_P = 0.25  # above it one Bernoulli draw per element is cheaper than drawing the gaps
+
+
+def keep_mask(x: torch.Tensor, p: float, chunk: int = 0) -> torch.Tensor:
+    """Dropout's keep mask for `x` (bool, x's shape): every element kept with probability 1 - p, independently.
+
+    For dropout's small p it is drawn as the dropped positions, not element by element: in a sequence of
+    independent Bernoulli(p) trials the gaps between successes are independent Geometric(p) counts, so the running
+    sums of Geometric(p) draws are exactly the dropped positions, the same distribution as `bernoulli_` (about p·n
+    draws and a cumsum instead of n draws: torch's per-element draw was 11% of an SFT step at p = 0.05 on a CPU).
+    `chunk`: gaps drawn at a time (0: enough to cover x almost always; tests set it small to cover the rest).
+    """
+    if p <= 0:
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    if p > GAP_DRAW_MAX_P or x.device.type != "cpu":
+        return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+    n = x.numel()
+    keep = torch.ones(n, dtype=torch.bool)
+    chunk = chunk or int(n * p + 6 * math.sqrt(n * p) + 16)  # mean + 6 sd: one chunk covers all n positions
+    start = 0  # the first position the next gap counts from
+    while start < n:
+        drops = torch.empty(chunk, dtype=torch.float64).geometric_(p).cumsum_(0).add_(start - 1).long()
+        keep[drops[drops < n]] = False
+        start = int(drops[-1]) + 1
+    return keep.view(x.shape)
+
+
 def dropped_linear(x: torch.Tensor, weight: torch.Tensor, p: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """`linear(dropout(x, p), weight)` in training mode; `mask` (bool, x's shape; drawn when None) says what is kept."""
     if mask is None:
-        mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+        mask = keep_mask(x, p)
     return _DroppedLinear.apply(x, weight, mask, 1.0 - p)
 
 
