@@ -76,4 +76,6 @@ def test_tiny_bench_prints_every_row_and_the_machine_readable_line() -> None:
     assert match, lines[-1]
     values = [float(v) for v in match.groups()[:5]]
     assert all(v > 0 for v in values), lines[-1]
-    assert re.search(r" sft_mfu=\S+ ppo_tokens_s=\S+ ppo_step_exact_s=\S+ scale_dev_pct=\S+$", lines[-1])
+    assert re.search(r" sft_mfu=\S+ ppo_tokens_s=\S+ ppo_step_exact_s=\S+ scale_dev_pct=\S+ sft_tokens_s=\S+ "
+                     r"reward_pairs_s=\S+ dpo_pairs_s=\S+ generate_tokens_s=\S+$", lines[-1])
+    assert all(float(v) > 0 for v in re.findall(r"_(?:tokens|pairs)_s=(\S+)", lines[-1])), lines[-1]

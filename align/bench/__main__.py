@@ -10,6 +10,8 @@ thread settings (the machine's defaults). Throughput is read from what each side
 or generation call only (the align side from its run folder: manifest.json, metrics.jsonl). The last line is
 machine-readable:
     bench: sft_vs_trl=X.XX reward_vs_trl=X.XX dpo_vs_trl=X.XX generate_vs_plain=X.XX ppo_step_s=X.X [more keys]
+ending with align's own medians (sft_tokens_s, reward_pairs_s, dpo_pairs_s, generate_tokens_s): a ratio also moves
+with the raw side's run-to-run speed, these only with align's.
 """
 
 from __future__ import annotations
@@ -334,21 +336,25 @@ def bench(s: Setup, rows: list[str], repeats: int, work: Path) -> str:
     d = prepare_inputs(r, s, need_prefs=bool({"reward", "dpo"} & set(rows)))
     out = {k: float("nan") for k in ("sft_vs_trl", "reward_vs_trl", "dpo_vs_trl", "generate_vs_plain", "ppo_step_s")}
     extra: list[str] = []
-    table = [("sft", "sft_vs_trl", "SFT vs TRL SFTTrainer", "tokens/s", sft_align, sft_raw),
-             ("reward", "reward_vs_trl", "reward vs TRL RewardTrainer", "pairs/s", reward_align, reward_raw),
-             ("dpo", "dpo_vs_trl", "DPO vs TRL DPOTrainer", "pairs/s", dpo_align, dpo_raw),
+    table = [("sft", "sft_vs_trl", "SFT vs TRL SFTTrainer", "tokens/s", sft_align, sft_raw, "sft_tokens_s"),
+             ("reward", "reward_vs_trl", "reward vs TRL RewardTrainer", "pairs/s", reward_align, reward_raw,
+              "reward_pairs_s"),
+             ("dpo", "dpo_vs_trl", "DPO vs TRL DPOTrainer", "pairs/s", dpo_align, dpo_raw, "dpo_pairs_s"),
              ("generate", "generate_vs_plain", "hf Sampler vs plain generate", "new tokens/s", generate_align,
-              generate_raw)]
+              generate_raw, "generate_tokens_s")]
     reward_run: str | None = None
     notes: list[str] = []
+    # align's own medians, at the end of the line: the ratios move with the raw side's run-to-run speed too
+    absolute: list[str] = []
     if any(row[0] in rows for row in table):
         print("\nratio = align / raw (> 1: align is faster), median over the A/B pairs"
               "\n| row | unit | align | raw | ratio (median) | min-max | align peak RSS MiB | raw peak RSS MiB |\n"
               "|---|---|---:|---:|---:|---|---:|---:|", flush=True)
-    for row, key, label, unit, a_fn, b_fn in table:
+    for row, key, label, unit, a_fn, b_fn, own_key in table:
         if row not in rows:
             continue
         out[key], a, b = compare(label, unit, (lambda f=a_fn: f(r, s, d), lambda f=b_fn: f(r, s, d)), repeats)
+        absolute.append(f"{own_key}={statistics.median(x.value for x in a):.3g}")
         if row == "sft":
             mfu, flop = sft_mfu(statistics.median(x.value for x in a), a[0].detail, peak)
             raw_mfu = statistics.median(x.value for x in b) * flop / (peak * 1e9)
@@ -371,7 +377,7 @@ def bench(s: Setup, rows: list[str], repeats: int, work: Path) -> str:
     if "scale" in rows:
         extra.append(f"scale_dev_pct={scale_row(r, s, d):.1f}")
     keys = " ".join(f"{k}={fmt_seconds(v) if k == 'ppo_step_s' else f'{v:.2f}'}" for k, v in out.items())
-    return f"bench: {keys} {' '.join(extra)}".rstrip()
+    return f"bench: {keys} {' '.join(extra + absolute)}".rstrip()
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
