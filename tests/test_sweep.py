@@ -229,3 +229,32 @@ def test_median_pruner_stops_a_hopeless_trial(tmp_path, monkeypatch):
     assert run_status(hopeless) == "failed" and "pruned" in json.loads((hopeless / "manifest.json").read_text())["error"]
     assert all(int((tmp_path / "sweep" / t.user_attrs["dir"] / "steps_done").read_text()) == 30
                for t in trials if t.state.name == "COMPLETE")
+
+
+class RecordingTrial:
+    """Stands in for an Optuna trial: records what is reported, never prunes."""
+
+    def __init__(self) -> None:
+        self.reported: dict[int, float] = {}
+
+    def report(self, value: float, step: int) -> None:
+        self.reported[step] = value
+
+    def should_prune(self) -> bool:
+        return False
+
+
+def test_a_finished_trial_reports_the_points_logged_after_the_last_poll(tmp_path):
+    """The pruner compares a trial with the finished ones at the same step: a finished trial whose last points
+    were never read (logged after the watcher's last poll) would leave the median at those steps to whichever
+    trials a poll happened to catch."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    trial = RecordingTrial()
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    with sweep.PruneWatcher(trial, tmp_path, "eval/loss", poll_s=3600.0):  # no poll happens while it runs
+        for step in range(5):
+            writer.add_scalar("eval/loss", 1.0 / (step + 1), step)
+        writer.flush()
+    writer.close()
+    assert trial.reported == {step: pytest.approx(1.0 / (step + 1)) for step in range(5)}

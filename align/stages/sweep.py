@@ -306,6 +306,11 @@ class PruneWatcher:
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        if exc_type is None and self.pruned_at is None:
+            # the points logged after the last poll: a finished trial's curve is whole, so later trials are
+            # compared with its values at every step (a median over whichever trials a poll happened to catch
+            # at that step is not the pruner's median)
+            self.report_new()
         try:
             if self.pruned_at is not None and exc_type is None:
                 # the stage returned as the watcher stopped it: let the scheduled handler run here, inside the
@@ -322,15 +327,19 @@ class PruneWatcher:
                 _thread.interrupt_main(signal.SIGUSR2)
                 return
 
-    def check(self) -> bool:
-        """Report the new points; True when the trial should stop."""
+    def report_new(self) -> bool:
+        """Report the points logged since the last call to Optuna; True if there were any."""
         from align.report.plots import read_scalars
 
         new = [(s, v) for s, v in read_scalars(self.tb_dir).get(self.tag, []) if s not in self.reported]
         for step, value in new:
             self.trial.report(value, step)
             self.reported[step] = value
-        if new and self.trial.should_prune():
+        return bool(new)
+
+    def check(self) -> bool:
+        """Report the new points; True when the trial should stop."""
+        if self.report_new() and self.trial.should_prune():
             self.pruned_at = max(self.reported)
             return True
         return False
