@@ -354,9 +354,10 @@ def bench(s: Setup, rows: list[str], repeats: int, work: Path) -> str:
         if row not in rows:
             continue
         out[key], a, b = compare(label, unit, (lambda f=a_fn: f(r, s, d), lambda f=b_fn: f(r, s, d)), repeats)
-        absolute.append(f"{own_key}={statistics.median(x.value for x in a):.3g}")
+        own = statistics.median(x.value for x in a)
+        absolute.append(f"{own_key}={own:.3g}")
         if row == "sft":
-            mfu, flop = sft_mfu(statistics.median(x.value for x in a), a[0].detail, peak)
+            mfu, flop = sft_mfu(own, a[0].detail, peak)
             raw_mfu = statistics.median(x.value for x in b) * flop / (peak * 1e9)
             extra.append(f"sft_mfu={mfu:.3f}")
             ours = a[0].detail["train_tokens"] / a[0].detail["train_examples"]
