@@ -4,6 +4,7 @@ Config (fast), and the whole pipeline on tiny models (slow)."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,6 +183,116 @@ def test_the_demo_ppo_has_room_for_the_answers_eval_asks_for(tmp_path: Path) -> 
     assert ppo.sampling.max_new_tokens >= evaluation.sampling.max_new_tokens
 
 
+def test_training_steps_that_do_not_read_each_other_go_side_by_side(tmp_path: Path) -> None:
+    """reward + dpo (DPO's held-out check off, so it does not read the reward model), then ppo + online; a step that
+    reads the other's folder waits for it."""
+    def groups(*overrides: str) -> list[list[str]]:
+        cfg = load_config(pipeline.Config, Path("stages/pipeline.yaml"), [f"output_dir={tmp_path}", *overrides])
+        return [[s.name for s in g] for g in pipeline.side_by_side(pipeline.plan(cfg))]
+
+    pairs = [g for g in groups() if len(g) > 1]
+    assert pairs == [["reward", "dpo"], ["ppo", "online"]]
+    steps = pipeline.plan(load_config(pipeline.Config, Path("stages/pipeline.yaml"), [f"output_dir={tmp_path}"]))
+    assert pipeline.step_config(steps[pipeline.ORDER.index("dpo")]).eval.reward.model == ""
+    # DPO's held-out check scores with the pipeline's reward model: it then runs after it
+    assert [g for g in groups("steps.dpo.overrides.eval.size=4") if len(g) > 1] == [["ppo", "online"]]
+    # ppo reads dpo (ppo_from=dpo); from sft, dpo and ppo could pair, and online then runs alone
+    assert [g for g in groups("ppo_from=sft", "online_from=sft") if len(g) > 1] == [["reward", "dpo"],
+                                                                                   ["ppo", "online"]]
+
+
+CHILD = """
+import json, os, signal, sys, time, yaml
+cfg = yaml.safe_load(open(sys.argv[1]))
+out = os.path.join(cfg["output_dir"], "out.txt")
+os.makedirs(cfg["output_dir"], exist_ok=True)
+def stop(signum, frame):
+    open(out, "a").write(f"stopped by {signal.Signals(signum).name}\\n")
+    sys.exit(130)
+signal.signal(signal.SIGTERM, stop)
+open(out, "w").write(f"start {time.time()} threads {os.environ['OMP_NUM_THREADS']}\\n")
+print(f"working on {cfg['input']}", flush=True)
+time.sleep(cfg["value"] / 10)
+if cfg["note"] == "fail":
+    print("align fake: error: bad input; fix it", file=sys.stderr, flush=True)
+    sys.exit(2)
+open(out, "a").write(f"end {time.time()}\\n")
+"""
+
+
+def beside_steps(root: Path, data: Path, values: dict[str, int], notes: dict[str, str] | None = None) -> list:
+    """Two fake steps named like two training steps, neither reading the other's folder."""
+    notes = notes or {}
+    return [PlannedStep(name=n, stage="fake", config_cls=FakeConfig, run=fake_run, recipe=None,
+                        overrides=[f"input={data}", f"output_dir={root / n}", f"value={values[n]}",
+                                   f"note={notes.get(n, '')}"], dir=root / n) for n in ("ppo", "online")]
+
+
+@pytest.fixture
+def fake_children(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "child_command", lambda step, config: [sys.executable, "-c", CHILD, str(config)])
+
+
+def test_two_steps_side_by_side_run_at_once_in_their_own_processes(tmp_path: Path, data: Path, capsys,
+                                                                   fake_children: None) -> None:
+    root = tmp_path / "pipe"
+    steps = beside_steps(root, data, {"ppo": 15, "online": 10})
+    records = execute(steps, root, {"fake": True}, beside=True)
+    assert {n: (r["status"], r["beside"]) for n, r in records.items()} == {"ppo": ("ran", "online"),
+                                                                          "online": ("ran", "ppo")}
+    assert CALLS == [] or all(name not in ("ppo", "online") for name, *_ in CALLS)  # not run in this process
+    times = {n: (root / n / "out.txt").read_text().split() for n in ("ppo", "online")}
+    starts, ends = ({n: float(t[i]) for n, t in times.items()} for i in (1, 5))
+    assert max(starts.values()) < min(ends.values())  # they overlapped
+    assert {t[3] for t in times.values()} == {str(pipeline.threads_each())}
+    assert records["ppo"]["seconds"] >= 1.5 > records["online"]["seconds"] >= 1.0
+    out = capsys.readouterr().out
+    assert f"    ppo | working on {data}" in out and f" online | working on {data}" in out
+    assert read_manifest(root)["status"] == "completed"
+    # the same steps one after another (parallel=false, or no pair): in this process
+    CALLS.clear()
+    execute(beside_steps(tmp_path / "one", data, {"ppo": 1, "online": 1}), tmp_path / "one", {"fake": True})
+    assert [name for name, *_ in CALLS] == ["ppo", "online"]
+
+
+def test_a_step_failing_beside_another_lets_it_finish_then_stops_the_pipeline(tmp_path: Path, data: Path,
+                                                                             fake_children: None) -> None:
+    from align.errors import AlignError
+
+    root = tmp_path / "pipe"
+    steps = beside_steps(root, data, {"ppo": 1, "online": 8}, notes={"ppo": "fail"})
+    with pytest.raises(AlignError, match=r"step ppo failed: align fake: error: bad input; fix it"):
+        execute(steps, root, {"fake": True}, beside=True)
+    manifest = read_manifest(root)
+    assert manifest["status"] == "failed"
+    assert manifest["steps"]["ppo"]["status"] == "failed"
+    assert manifest["steps"]["ppo"]["error"] == "align fake: error: bad input; fix it"
+    assert manifest["steps"]["online"]["status"] == "ran"
+    assert "end" in (root / "online" / "out.txt").read_text()
+
+
+def test_a_stop_signal_reaches_both_steps_side_by_side(tmp_path: Path, data: Path, fake_children: None) -> None:
+    import os
+    import signal
+    import threading
+
+    from align.runs import Interrupted, stop_signals_held
+
+    root = tmp_path / "pipe"
+    steps = beside_steps(root, data, {"ppo": 100, "online": 100})
+    timer = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    timer.start()
+    with stop_signals_held(), pytest.raises(Interrupted):
+        execute(steps, root, {"fake": True}, beside=True)
+    timer.join()
+    manifest = read_manifest(root)
+    assert manifest["status"] == "interrupted"
+    assert {n: s["status"] for n, s in manifest["steps"].items()} == {"ppo": "interrupted", "online": "interrupted"}
+    for name in ("ppo", "online"):
+        assert (root / name / "out.txt").read_text().endswith("stopped by SIGTERM\n")
+    assert manifest["steps"]["ppo"]["seconds"] < 8
+
+
 def test_disabled_policy_is_left_out_of_eval(tmp_path: Path) -> None:
     cfg = load_config(pipeline.Config, Path("stages/tiny/pipeline.yaml"),
                       [f"output_dir={tmp_path}", "steps.dpo.enabled=false", "steps.online.enabled=false",
@@ -203,6 +314,10 @@ def test_tiny_pipeline_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     manifest = read_manifest(root)
     assert manifest["status"] == "completed"
     assert {s["status"] for s in manifest["steps"].values()} == {"ran"}
+    # on a machine that can (CPU, 2+ cores, 12+ GiB free), reward + dpo and ppo + online ran as pairs of processes
+    pairs = {n: s.get("beside") for n, s in manifest["steps"].items() if s.get("beside")}
+    assert pairs == ({"reward": "dpo", "dpo": "reward", "ppo": "online", "online": "ppo"}
+                     if pipeline.why_not_side_by_side() is None else {})
     for run in find_stage_runs(root):
         assert run.manifest["status"] == "completed", run.name
     evaluation = json.loads((root / "eval" / "eval.json").read_text())

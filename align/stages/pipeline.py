@@ -1,6 +1,8 @@
 """pipeline: SFT -> import (human labels) -> generate + judge (AI labels) -> preferences -> reward -> PPO + DPO
--> online RLAIF (the reward model judges the policy's own samples, round after round) -> eval -> report, in one process, each step in its own folder under `output_dir`. Stages come from the registry in align/stages/__init__.py;
-fingerprints from align/runs.py.
+-> online RLAIF (the reward model judges the policy's own samples, round after round) -> eval -> report, each step
+in its own folder under `output_dir`, in this process; on a CPU machine two training steps that do not read each
+other's folders (reward + dpo, ppo + online) run side by side in two processes (`parallel`). Stages come from the
+registry in align/stages/__init__.py; fingerprints from align/runs.py.
 
 Each step is `run(load_config(module.Config, recipe, overrides))` with the step's recipe (stages/<stage>.yaml,
 or `recipes`/<stage>.yaml), the pipeline's wiring (output_dir under the pipeline folder, upstream run folders as
@@ -18,15 +20,19 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
+import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from align.cli import PARENT_ENV
 from align.config import load_config, opt, to_dict
-from align.errors import ConfigError
+from align.errors import AlignError, ConfigError
 from align.runs import (
     Interrupted,
     Run,
@@ -36,6 +42,7 @@ from align.runs import (
     now,
     read_manifest,
     release_lock,
+    step_boundaries,
     stop_requested,
     stop_signals_held,
     take_lock,
@@ -74,6 +81,9 @@ class Config:
                                                     "(human pairs first, then AI rounds on top; needs the dpo step)")
     ppo_from: Literal["sft", "dpo"] = opt("sft", "the policy PPO starts from (and keeps near: its KL reference): "
                                                  "sft, or dpo (needs the dpo step)")
+    parallel: bool = opt(True, "on a CPU machine (no GPU) with 2+ cores and 12+ GiB of free memory, run two training "
+                               "steps that do not read each other's folders (reward + dpo, ppo + online) at once, "
+                               "each in its own process with half the cores; false: one after another here")
 
 
 @dataclass
@@ -132,7 +142,9 @@ def wiring(cfg: Config, root: Path, enabled: set[str]) -> dict[str, dict[str, An
                 "data": {"prompts": cfg.prompts, "eval_prompts": cfg.eval_prompts}},
         "dpo": {"policy": d["sft"], "data": {"train": f"{d['preferences']}/train.jsonl",
                                              "validation": f"{d['preferences']}/valid.jsonl"},
-                "eval": {"reward": {"model": d["reward"], "function": ""}}},
+                # the held-out check reads the reward model only when it runs (eval.size > 0); else DPO does
+                # not wait for the reward step and can train beside it
+                "eval": {"reward": {"model": d["reward"] if dpo_checks(cfg) else "", "function": ""}}},
         "online": {"policy": d[cfg.online_from], "prompts": cfg.prompts,
                    "eval": {"prompts": cfg.eval_prompts, "reward": {"model": d["reward"], "function": ""}},
                    # the human pairs go to the rounds only to be mixed in: re-measuring the judge each round on
@@ -174,6 +186,15 @@ def online_choices(cfg: Config) -> tuple[str, bool]:
     wired = [f"human={Path(cfg.output_dir) / 'import'}"]  # as wiring() sets it when mixing (human_mix needs it)
     chosen = load_config(online.Config, recipe_for(cfg, "online", "online"), overrides + wired)
     return chosen.judge.spec, chosen.human_mix
+
+
+def dpo_checks(cfg: Config) -> bool:
+    """Does the dpo step's held-out check run (its recipe's and overrides' eval.size > 0)?"""
+    from align.stages import dpo
+
+    step = cfg.steps.get("dpo", Step())
+    sizes = [o for o in flatten(step.overrides) if o.startswith("eval.size=")]
+    return load_config(dpo.Config, recipe_for(cfg, "dpo", "dpo"), sizes).eval.size > 0
 
 
 def stage_entry(stage: str) -> tuple[type, Callable[[Any], Path]]:
@@ -265,7 +286,7 @@ def release_memory() -> None:
 
 
 def execute(steps: list[PlannedStep], root: Path, config: dict[str, Any], force: bool = False,
-            inputs: list[str] = ()) -> dict[str, Any]:
+            inputs: list[str] = (), beside: bool = False) -> dict[str, Any]:
     """Run (or skip) `steps` in order, keeping the pipeline manifest in `root` up to date after each one.
 
     Returns the per-step records {status, seconds, run_seconds, fingerprint, dir, recipe}.
@@ -280,7 +301,7 @@ def execute(steps: list[PlannedStep], root: Path, config: dict[str, Any], force:
     cache: dict[Any, str] = {}
     t_all = time.perf_counter()
     try:
-        run_steps(steps, top, previous, records, cache, force)
+        run_steps(steps, top, previous, records, cache, force, beside)
     except KeyboardInterrupt:  # a stop signal or Ctrl-C, during a step (its run is marked) or between two steps
         top.interrupt(stop_requested() or "KeyboardInterrupt")
         raise
@@ -293,49 +314,231 @@ def execute(steps: list[PlannedStep], root: Path, config: dict[str, Any], force:
 
 
 def run_steps(steps: list[PlannedStep], top: Run, previous: dict[str, Any], records: dict[str, dict[str, Any]],
-              cache: dict[Any, str], force: bool) -> None:
-    """Run (or skip) each step in turn, recording it in `records` and the pipeline manifest `top`."""
+              cache: dict[Any, str], force: bool, beside: bool = False) -> None:
+    """Run (or skip) each step in turn, recording it in `records` and the pipeline manifest `top`; with `beside`,
+    two steps of a `side_by_side` group that both run go in two processes at once."""
+    for group in side_by_side(steps) if beside else [[step] for step in steps]:
+        todo = []
+        for step in group:
+            record = dict(previous.get(step.name, {}))
+            fp = fingerprint(step.stage, to_dict(step.config if step.config is not None else step_config(step)), cache)
+            action, extra = how_to_run(step, record, fp, force)
+            record.update({"dir": step.dir.name, "recipe": str(step.recipe) if step.recipe else None,
+                           "fingerprint": fp})
+            records[step.name] = record
+            if action == "skip":
+                record.update({"status": "skipped", "seconds": 0.0})
+                log.info(f"pipeline: {step.name}: unchanged since its last run, skipped")
+            else:
+                todo.append((step, action, extra))
+        if len(todo) == 2:
+            run_beside(todo, top, records)
+        elif todo:
+            run_here(*todo[0], top, records[todo[0][0].name])
+
+
+def start_record(step: PlannedStep, action: str, top: Run, record: dict[str, Any]) -> None:
+    record.pop("beside", None)  # set again by run_beside when it runs next to another step
+    record.update({"status": "running", "started_at": now(), "seconds": None})
+    top.write_manifest("running")
+    log.info(f"pipeline: {step.name}: {'resuming' if action == 'resume' else 'running'} "
+             f"({step.recipe or 'built-in'} -> {step.dir})")
+
+
+def end_record(action: str, record: dict[str, Any], seconds: float) -> None:
+    record.pop("error", None)
+    record.update({"status": "resumed" if action == "resume" else "ran", "seconds": seconds,
+                   "run_seconds": seconds, "finished_at": now()})
+
+
+def run_here(step: PlannedStep, action: str, extra: list[str], top: Run, record: dict[str, Any]) -> None:
+    """One step in this process."""
+    start_record(step, action, top, record)
+    t0 = time.perf_counter()
+    try:
+        step.run(step_config(step, extra))
+    except BaseException as e:
+        fail_active_runs(f"{type(e).__name__}: {e}")
+        stopped = isinstance(e, KeyboardInterrupt)  # Ctrl-C or a scheduler's SIGTERM: resumable
+        record.update({"status": "interrupted" if stopped else "failed",
+                       "seconds": time.perf_counter() - t0, "error": f"{type(e).__name__}: {e}"[:500]})
+        top.write_manifest("interrupted" if stopped else "failed")
+        raise
+    finally:
+        release_memory()
+    end_record(action, record, time.perf_counter() - t0)
+    top.write_manifest("running")
+    if stop_requested():  # a signal that came as the step finished, when nothing polled for it
+        raise Interrupted(str(stop_requested()))
+
+
+# ---------------------------------------------------------------- two steps side by side
+
+# Training steps worth a process of their own: on 2 cores, PPO and online RLAIF with one thread each side by side
+# took 416 s against 259 + 254 s one after another with two threads (2026-12-06, the pipeline's own folders).
+SIDE_BY_SIDE = ("reward", "dpo", "ppo", "online")
+SIDE_BY_SIDE_MIN_GIB = 12  # two training processes of the default model peak at ~5 GB each
+
+
+def reads(step: PlannedStep, other: PlannedStep) -> bool:
+    """Does `step`'s resolved config name `other`'s folder, or anything in it?"""
+    folder = str(other.dir)
+
+    def strings(value: Any) -> list[str]:
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    config = to_dict(step.config if step.config is not None else step_config(step))
+    return any(s == folder or s.startswith(folder + "/") for s in strings({**config, "output_dir": ""}))
+
+
+def side_by_side(steps: list[PlannedStep]) -> list[list[PlannedStep]]:
+    """The steps in order, in groups of one, or two consecutive SIDE_BY_SIDE steps where neither reads the other's
+    folder (the pipeline's reward + dpo, then ppo + online)."""
+    groups: list[list[PlannedStep]] = []
     for step in steps:
-        record = dict(previous.get(step.name, {}))
-        fp = fingerprint(step.stage, to_dict(step.config if step.config is not None else step_config(step)), cache)
-        action, extra = how_to_run(step, record, fp, force)
-        record.update({"dir": step.dir.name, "recipe": str(step.recipe) if step.recipe else None, "fingerprint": fp})
-        records[step.name] = record
-        if action == "skip":
-            record.update({"status": "skipped", "seconds": 0.0})
-            log.info(f"pipeline: {step.name}: unchanged since its last run, skipped")
-            continue
-        record.update({"status": "running", "started_at": now(), "seconds": None})
-        top.write_manifest("running")
-        log.info(f"pipeline: {step.name}: {'resuming' if action == 'resume' else 'running'} "
-                 f"({step.recipe or 'built-in'} -> {step.dir})")
+        last = groups[-1] if groups else []
+        if (len(last) == 1 and last[0].name in SIDE_BY_SIDE and step.name in SIDE_BY_SIDE
+                and not reads(step, last[0]) and not reads(last[0], step)):
+            last.append(step)
+        else:
+            groups.append([step])
+    return groups
+
+
+def why_not_side_by_side() -> str | None:
+    """None when this machine can run two training steps at once: no GPU (two steps on one GPU would share its
+    memory), 2+ cores for this process, SIDE_BY_SIDE_MIN_GIB of available memory; else the reason."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "a GPU is present"
+    if threads_each() * 2 > len(os.sched_getaffinity(0)):
+        return "fewer than 2 cores"
+    available = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemAvailable:")), 0) / 2**20
+    if available < SIDE_BY_SIDE_MIN_GIB:
+        return f"{available:.1f} GiB of memory available, {SIDE_BY_SIDE_MIN_GIB} needed"
+    return None
+
+
+def threads_each() -> int:
+    """Threads for each of two side-by-side steps: half the cores (or of OMP_NUM_THREADS when set), at least 1.
+    torch's threads spin-wait for a core another process holds, so two steps must not ask for more than exist."""
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    cores = int(wanted) if wanted.isdigit() and int(wanted) > 0 else len(os.sched_getaffinity(0))
+    return max(1, cores // 2)
+
+
+def child_command(step: PlannedStep, config_file: Path) -> list[str]:
+    """`align <stage> <its resolved config>` in a fresh interpreter (which stops when this process dies: PARENT_ENV,
+    its own session: a terminal's Ctrl-C reaches this process only, which passes it on)."""
+    return [sys.executable, "-m", "align.cli", step.stage, str(config_file)]
+
+
+def run_beside(todo: list[tuple[PlannedStep, str, list[str]]], top: Run, records: dict[str, dict[str, Any]]) -> None:
+    """Two steps at once, each `align <stage>` in its own process with half the cores, their output lines prefixed
+    with the step's name. A stop signal is passed on to both (each saves a checkpoint at its next step boundary;
+    a second one stops them at once); when one fails the other finishes, then the pipeline stops on the failure."""
+    import subprocess
+    import tempfile
+    import threading
+
+    import yaml
+
+    threads = str(threads_each())
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, PARENT_ENV: str(os.getpid())}
+    log.info(f"pipeline: {todo[0][0].name} and {todo[1][0].name} side by side, {threads} thread(s) each "
+             f"(parallel=false: one after another)")
+    procs, tails, readers = [], [], []
+    with tempfile.TemporaryDirectory(prefix="align-pipeline-") as tmp:
+        for step, action, extra in todo:
+            config_file = Path(tmp) / f"{step.name}.yaml"
+            config_file.write_text(yaml.safe_dump(to_dict(step_config(step, extra)), sort_keys=False))
+            start_record(step, action, top, records[step.name])
+            records[step.name]["beside"] = next(s.name for s, _, _ in todo if s is not step)
+            proc = subprocess.Popen(child_command(step, config_file), env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+            tail: list[str] = []
+            reader = threading.Thread(target=relay, args=(proc, step.name, tail), daemon=True)
+            reader.start()
+            procs.append(proc)
+            tails.append(tail)
+            readers.append(reader)
         t0 = time.perf_counter()
-        try:
-            step.run(step_config(step, extra))
-        except BaseException as e:
-            fail_active_runs(f"{type(e).__name__}: {e}")
-            stopped = isinstance(e, KeyboardInterrupt)  # Ctrl-C or a scheduler's SIGTERM: resumable
-            record.update({"status": "interrupted" if stopped else "failed",
-                           "seconds": time.perf_counter() - t0, "error": f"{type(e).__name__}: {e}"[:500]})
-            top.write_manifest("interrupted" if stopped else "failed")
-            raise
-        finally:
-            release_memory()
-        seconds = time.perf_counter() - t0
-        record.pop("error", None)
-        record.update({"status": "resumed" if action == "resume" else "ran", "seconds": seconds,
-                       "run_seconds": seconds, "finished_at": now()})
+        seconds = wait_passing_signals(procs, t0)
+    for reader in readers:
+        reader.join()
+    failed = []
+    for (step, action, _), proc, tail, took in zip(todo, procs, tails, seconds):
+        record = records[step.name]
+        if proc.returncode == 0:
+            end_record(action, record, took)
+            continue
+        stopped = proc.returncode == 130 or stop_requested() is not None
+        error = next((line for line in reversed(tail) if line.strip()), f"exit code {proc.returncode}")
+        record.update({"status": "interrupted" if stopped else "failed", "seconds": took, "error": error[:500]})
+        failed.append((step.name, stopped, error))
+    if not failed:
         top.write_manifest("running")
-        if stop_requested():  # a signal that came as the step finished, when nothing polled for it
-            raise Interrupted(str(stop_requested()))
+        return
+    stopped = all(s for _, s, _ in failed)
+    top.write_manifest("interrupted" if stopped else "failed")
+    if stopped:
+        raise Interrupted(str(stop_requested() or "a signal"))
+    name, _, error = next(f for f in failed if not f[1])
+    raise AlignError(f"step {name} failed: {error}")
+
+
+def relay(proc: Any, name: str, tail: list[str]) -> None:
+    """Print a child's output lines with its step's name in front; keep its last 20 lines in `tail`."""
+    for line in proc.stdout:
+        print(f"{name:>7} | {line}", end="", flush=True)
+        tail.append(line.rstrip())
+        del tail[:-20]
+
+
+def wait_passing_signals(procs: list[Any], t0: float) -> list[float]:
+    """Wait for every process; a stop signal to this one goes on to those still running (the first one when it
+    comes, a second one too: the children then stop at once). Each process's seconds since t0."""
+    seconds: list[float | None] = [None] * len(procs)
+
+    def pass_on() -> None:
+        sig = getattr(signal.Signals, str(stop_requested()).split()[0], signal.SIGTERM)
+        for proc, took in zip(procs, seconds):
+            if took is None:
+                proc.send_signal(sig)
+
+    passed_on = False
+    with step_boundaries():  # the first signal only sets stop_requested(); this loop passes it on
+        while any(took is None for took in seconds):
+            try:
+                time.sleep(0.1)
+                for i, proc in enumerate(procs):
+                    if seconds[i] is None and proc.poll() is not None:
+                        seconds[i] = time.perf_counter() - t0
+                if stop_requested() and not passed_on:
+                    passed_on = True
+                    pass_on()
+            except Interrupted:  # a second signal
+                passed_on = True
+                pass_on()
+    return [took or 0.0 for took in seconds]
 
 
 def print_summary(records: dict[str, dict[str, Any]], total: float) -> None:
     print(f"\n{'step':<12} {'status':<9} {'this run':>10} {'last run':>10}")
     for name, r in records.items():
-        print(f"{name:<12} {r['status']:<9} {r.get('seconds') or 0.0:>9.1f}s {r.get('run_seconds') or 0.0:>9.1f}s")
+        print(f"{name:<12} {r['status']:<9} {r.get('seconds') or 0.0:>9.1f}s {r.get('run_seconds') or 0.0:>9.1f}s"
+              f"{'  beside ' + r['beside'] if r.get('beside') else ''}")
     print(f"{'total':<12} {'':<9} {total:>9.1f}s "
           f"{sum(r.get('run_seconds') or 0.0 for r in records.values()):>9.1f}s", flush=True)
+    if any(r.get("beside") for r in records.values()):
+        print("(steps beside another ran at the same time, in two processes: this run's total is its wall time, "
+              "the last-run column sums the steps)")
 
 
 def seed_configs(cfg: Config) -> list[Config]:
@@ -365,6 +568,17 @@ def run_seeds(cfg: Config) -> Path:
     return Path(cfg.output_dir)
 
 
+def beside(cfg: Config, steps: list[PlannedStep]) -> bool:
+    """Whether this run puts two steps side by side (`parallel`, when the plan has such a pair and the machine
+    can); says why not when it cannot."""
+    if not cfg.parallel or all(len(group) == 1 for group in side_by_side(steps)):
+        return False
+    reason = why_not_side_by_side()
+    if reason:
+        log.info(f"pipeline: steps one after another ({reason})")
+    return reason is None
+
+
 def run(cfg: Config) -> Path:
     from align.stages.eval import print_table, read_eval
 
@@ -383,7 +597,7 @@ def run(cfg: Config) -> Path:
             root.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             records = execute(steps, root, to_dict(cfg), force=cfg.force,
-                              inputs=[*cfg.human, cfg.prompts, cfg.eval_prompts])
+                              inputs=[*cfg.human, cfg.prompts, cfg.eval_prompts], beside=beside(cfg, steps))
         finally:
             release_lock(root)
     print_summary(records, time.perf_counter() - t0)
