@@ -208,11 +208,16 @@ out = os.path.join(cfg["output_dir"], "out.txt")
 os.makedirs(cfg["output_dir"], exist_ok=True)
 def stop(signum, frame):
     open(out, "a").write(f"stopped by {signal.Signals(signum).name}\\n")
+    json.dump({"stage": "fake", "status": "interrupted"}, open(os.path.join(cfg["output_dir"], "manifest.json"), "w"))
     sys.exit(130)
 signal.signal(signal.SIGTERM, stop)
-open(out, "w").write(f"start {time.time()} threads {os.environ['OMP_NUM_THREADS']}\\n")
+open(out, "a" if cfg["resume"] else "w").write(
+    f"start {time.time()} threads {os.environ['OMP_NUM_THREADS']} resume {cfg['resume']}\\n")
 print(f"working on {cfg['input']}", flush=True)
-time.sleep(cfg["value"] / 10)
+time.sleep(0 if cfg["resume"] else cfg["value"] / 10)
+if cfg["note"] == "oom":
+    json.dump({"stage": "fake", "status": "running"}, open(os.path.join(cfg["output_dir"], "manifest.json"), "w"))
+    os.kill(os.getpid(), signal.SIGKILL)
 if cfg["note"] == "fail":
     print("align fake: error: bad input; fix it", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -242,7 +247,7 @@ def test_two_steps_side_by_side_run_at_once_in_their_own_processes(tmp_path: Pat
                                                                           "online": ("ran", "ppo")}
     assert CALLS == [] or all(name not in ("ppo", "online") for name, *_ in CALLS)  # not run in this process
     times = {n: (root / n / "out.txt").read_text().split() for n in ("ppo", "online")}
-    starts, ends = ({n: float(t[i]) for n, t in times.items()} for i in (1, 5))
+    starts, ends = ({n: float(t[i]) for n, t in times.items()} for i in (1, 7))
     assert max(starts.values()) < min(ends.values())  # they overlapped
     assert {t[3] for t in times.values()} == {str(pipeline.threads_each())}
     assert records["ppo"]["seconds"] >= 1.5 > records["online"]["seconds"] >= 1.0
@@ -269,6 +274,13 @@ def test_a_step_failing_beside_another_lets_it_finish_then_stops_the_pipeline(tm
     assert manifest["steps"]["ppo"]["error"] == "align fake: error: bad input; fix it"
     assert manifest["steps"]["online"]["status"] == "ran"
     assert "end" in (root / "online" / "out.txt").read_text()
+    # killed outright (as by the out-of-memory killer): its run folder is not left `running`
+    root = tmp_path / "killed"
+    with pytest.raises(AlignError, match=r"step online failed: align fake was killed by SIGKILL"):
+        execute(beside_steps(root, data, {"ppo": 1, "online": 1}, notes={"online": "oom"}), root, {"fake": True},
+                beside=True)
+    assert read_manifest(root / "online")["status"] == "failed"
+    assert read_manifest(root)["steps"]["online"]["error"] == "align fake was killed by SIGKILL"
 
 
 def test_a_stop_signal_reaches_both_steps_side_by_side(tmp_path: Path, data: Path, fake_children: None) -> None:
@@ -291,6 +303,12 @@ def test_a_stop_signal_reaches_both_steps_side_by_side(tmp_path: Path, data: Pat
     for name in ("ppo", "online"):
         assert (root / name / "out.txt").read_text().endswith("stopped by SIGTERM\n")
     assert manifest["steps"]["ppo"]["seconds"] < 8
+    # the same command continues both, side by side again, each with resume=true
+    records = execute(beside_steps(root, data, {"ppo": 100, "online": 100}), root, {"fake": True}, beside=True)
+    assert {n: (r["status"], r["beside"]) for n, r in records.items()} == {"ppo": ("resumed", "online"),
+                                                                          "online": ("resumed", "ppo")}
+    for name in ("ppo", "online"):
+        assert "resume True" in (root / name / "out.txt").read_text().splitlines()[-2]
 
 
 def test_disabled_policy_is_left_out_of_eval(tmp_path: Path) -> None:
@@ -340,3 +358,35 @@ def test_tiny_pipeline_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     assert [n for n, s in steps.items() if s["status"] == "ran"] == ["ppo", "eval", "report"]
     ppo_cfg = yaml.safe_load((root / "ppo" / "config.yaml").read_text())
     assert ppo_cfg["policy"] == str(root / "dpo")  # ppo_from: dpo — PPO trained on the DPO run folder
+
+
+def test_a_step_started_by_the_pipeline_gets_sigterm_when_the_pipeline_dies(tmp_path: Path) -> None:
+    """`align.cli.die_with_parent`: the pipeline killed outright (SIGKILL) does not leave a step training alone."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from align.cli import PARENT_ENV
+
+    mark = tmp_path / "child.txt"
+    child = ("import signal, sys, time\n"
+             "from align.cli import die_with_parent\n"
+             f"signal.signal(signal.SIGTERM, lambda *a: (open({str(mark)!r}, 'w').write('SIGTERM'), sys.exit(0)))\n"
+             "die_with_parent()\n"
+             f"open({str(mark)!r}, 'w').write('ready')\n"
+             "time.sleep(60)\n")
+    parent = ("import os, subprocess, sys, time\n"
+              f"env = {{**os.environ, {PARENT_ENV!r}: str(os.getpid())}}\n"
+              f"subprocess.Popen([sys.executable, '-c', {child!r}], env=env)\n"
+              "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    deadline = time.time() + 30
+    while not (mark.is_file() and mark.read_text() == "ready") and time.time() < deadline:
+        time.sleep(0.05)
+    assert mark.read_text() == "ready"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    while mark.read_text() != "SIGTERM" and time.time() < deadline:
+        time.sleep(0.05)
+    assert mark.read_text() == "SIGTERM"

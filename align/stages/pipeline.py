@@ -480,6 +480,9 @@ def run_beside(todo: list[tuple[PlannedStep, str, list[str]]], top: Run, records
             continue
         stopped = proc.returncode == 130 or stop_requested() is not None
         error = next((line for line in reversed(tail) if line.strip()), f"exit code {proc.returncode}")
+        if proc.returncode < 0:  # killed (a SIGKILL, the kernel's out-of-memory killer): it could not say so
+            error = f"align {step.stage} was killed by {signal.Signals(-proc.returncode).name}"
+            mark_killed(step.dir, error)
         record.update({"status": "interrupted" if stopped else "failed", "seconds": took, "error": error[:500]})
         failed.append((step.name, stopped, error))
     if not failed:
@@ -491,6 +494,17 @@ def run_beside(todo: list[tuple[PlannedStep, str, list[str]]], top: Run, records
         raise Interrupted(str(stop_requested() or "a signal"))
     name, _, error = next(f for f in failed if not f[1])
     raise AlignError(f"step {name} failed: {error}")
+
+
+def mark_killed(run_dir: Path, error: str) -> None:
+    """A step's run folder left `running` by a killed process: marked `failed` with the reason (a later pipeline
+    run resumes it from its last complete checkpoint, as it would after a failure)."""
+    from align.runs import atomic_write_json
+
+    manifest = read_manifest(run_dir)
+    if manifest is not None and manifest.status == "running":
+        atomic_write_json(run_dir / "manifest.json", {**manifest, "status": "failed", "error": error,
+                                                      "finished_at": now()})
 
 
 def relay(proc: Any, name: str, tail: list[str]) -> None:
