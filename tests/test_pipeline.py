@@ -360,6 +360,26 @@ def test_tiny_pipeline_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     assert ppo_cfg["policy"] == str(root / "dpo")  # ppo_from: dpo — PPO trained on the DPO run folder
 
 
+def test_steps_go_side_by_side_only_where_the_machine_has_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(pipeline, "cores", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(pipeline, "SIDE_BY_SIDE_MIN_GIB", 0)
+    assert pipeline.why_not_side_by_side() is None and pipeline.threads_each() == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's thread budget is halved, not the machine's cores
+    assert pipeline.why_not_side_by_side() is None and pipeline.threads_each() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert pipeline.why_not_side_by_side() == "OMP_NUM_THREADS=1"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(pipeline, "cores", lambda: 1)
+    assert pipeline.why_not_side_by_side() == "fewer than 2 cores"
+    monkeypatch.setattr(pipeline, "cores", lambda: 2)
+    monkeypatch.setattr(pipeline, "SIDE_BY_SIDE_MIN_GIB", 10**6)
+    assert "GiB of memory available, 1000000 needed" in pipeline.why_not_side_by_side()
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert pipeline.why_not_side_by_side() == "a GPU is present"
+
+
 def test_a_step_started_by_the_pipeline_gets_sigterm_when_the_pipeline_dies(tmp_path: Path) -> None:
     """`align.cli.die_with_parent`: the pipeline killed outright (SIGKILL) does not leave a step training alone."""
     import os

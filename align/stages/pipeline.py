@@ -412,25 +412,34 @@ def side_by_side(steps: list[PlannedStep]) -> list[list[PlannedStep]]:
 def why_not_side_by_side() -> str | None:
     """None when this machine can run two training steps at once: no GPU (two steps on one GPU would share its
     memory), 2+ cores for this process, SIDE_BY_SIDE_MIN_GIB of available memory; else the reason."""
+    import psutil
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
         return "a GPU is present"
-    if threads_each() * 2 > len(os.sched_getaffinity(0)):
-        return "fewer than 2 cores"
-    available = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                      if line.startswith("MemAvailable:")), 0) / 2**20
+    if thread_budget() < 2:
+        return "OMP_NUM_THREADS=1" if cores() >= 2 else "fewer than 2 cores"
+    available = psutil.virtual_memory().available / 2**30
     if available < SIDE_BY_SIDE_MIN_GIB:
         return f"{available:.1f} GiB of memory available, {SIDE_BY_SIDE_MIN_GIB} needed"
     return None
 
 
-def threads_each() -> int:
-    """Threads for each of two side-by-side steps: half the cores (or of OMP_NUM_THREADS when set), at least 1.
-    torch's threads spin-wait for a core another process holds, so two steps must not ask for more than exist."""
+def cores() -> int:
+    """The cores this process may run on (os.cpu_count() where the OS cannot say, as on macOS)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def thread_budget() -> int:
+    """The threads this pipeline may use: OMP_NUM_THREADS when set, else its cores."""
     wanted = os.environ.get("OMP_NUM_THREADS", "")
-    cores = int(wanted) if wanted.isdigit() and int(wanted) > 0 else len(os.sched_getaffinity(0))
-    return max(1, cores // 2)
+    return int(wanted) if wanted.isdigit() and int(wanted) > 0 else cores()
+
+
+def threads_each() -> int:
+    """Threads for each of two side-by-side steps: half the budget. torch's threads spin-wait for a core another
+    process holds, so the two must not ask for more than exist."""
+    return max(1, thread_budget() // 2)
 
 
 def child_command(step: PlannedStep, config_file: Path) -> list[str]:
