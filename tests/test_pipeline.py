@@ -214,6 +214,7 @@ signal.signal(signal.SIGTERM, stop)
 open(out, "a" if cfg["resume"] else "w").write(
     f"start {time.time()} threads {os.environ['OMP_NUM_THREADS']} resume {cfg['resume']}\\n")
 print(f"working on {cfg['input']}", flush=True)
+held = b"x" * (cfg["value"] * 10 * 2**20 if cfg["note"] == "hold" else 0)  # value 15: 150 MiB touched
 time.sleep(0 if cfg["resume"] else cfg["value"] / 10)
 if cfg["note"] == "oom":
     json.dump({"stage": "fake", "status": "running"}, open(os.path.join(cfg["output_dir"], "manifest.json"), "w"))
@@ -241,7 +242,7 @@ def fake_children(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_two_steps_side_by_side_run_at_once_in_their_own_processes(tmp_path: Path, data: Path, capsys,
                                                                    fake_children: None) -> None:
     root = tmp_path / "pipe"
-    steps = beside_steps(root, data, {"ppo": 15, "online": 10})
+    steps = beside_steps(root, data, {"ppo": 15, "online": 10}, notes={"ppo": "hold", "online": "hold"})
     records = execute(steps, root, {"fake": True}, beside=True)
     assert {n: (r["status"], r["beside"]) for n, r in records.items()} == {"ppo": ("ran", "online"),
                                                                           "online": ("ran", "ppo")}
@@ -251,6 +252,8 @@ def test_two_steps_side_by_side_run_at_once_in_their_own_processes(tmp_path: Pat
     assert max(starts.values()) < min(ends.values())  # they overlapped
     assert {t[3] for t in times.values()} == {str(pipeline.threads_each())}
     assert records["ppo"]["seconds"] >= 1.5 > records["online"]["seconds"] >= 1.0
+    # each one's own peak (100 or 150 MiB held, plus the interpreter's ~20), not this process's size
+    assert 150 <= records["ppo"]["peak_rss_mb"] < 150 + 60 and 100 <= records["online"]["peak_rss_mb"] < 100 + 60
     out = capsys.readouterr().out
     assert f"    ppo | working on {data}" in out and f" online | working on {data}" in out
     assert read_manifest(root)["status"] == "completed"
@@ -304,7 +307,8 @@ def test_a_stop_signal_reaches_both_steps_side_by_side(tmp_path: Path, data: Pat
         assert (root / name / "out.txt").read_text().endswith("stopped by SIGTERM\n")
     assert manifest["steps"]["ppo"]["seconds"] < 8
     # the same command continues both, side by side again, each with resume=true
-    records = execute(beside_steps(root, data, {"ppo": 100, "online": 100}), root, {"fake": True}, beside=True)
+    with stop_signals_held():  # as `align pipeline` runs it: a new command, no stop signal yet
+        records = execute(beside_steps(root, data, {"ppo": 100, "online": 100}), root, {"fake": True}, beside=True)
     assert {n: (r["status"], r["beside"]) for n, r in records.items()} == {"ppo": ("resumed", "online"),
                                                                           "online": ("resumed", "ppo")}
     for name in ("ppo", "online"):

@@ -15,7 +15,6 @@ was interrupted resumes (stages with `resume`, when nothing changed) or restarts
 from __future__ import annotations
 
 import dataclasses
-import gc
 import importlib
 import importlib.util
 import json
@@ -268,7 +267,9 @@ def how_to_run(step: PlannedStep, record: dict[str, Any], fp: str, force: bool) 
 def release_memory() -> None:
     """Between in-process stages: drop models, and accelerate's process-wide state (a stage may set it up
     differently from the last, e.g. another mixed-precision mode)."""
-    gc.collect()
+    from align.models.memory import release_freed_memory
+
+    release_freed_memory()  # gc, then the heap's free pages back to the OS (align keeps them for reuse otherwise)
     try:
         from accelerate.state import AcceleratorState, PartialState
 
@@ -338,7 +339,8 @@ def run_steps(steps: list[PlannedStep], top: Run, previous: dict[str, Any], reco
 
 
 def start_record(step: PlannedStep, action: str, top: Run, record: dict[str, Any]) -> None:
-    record.pop("beside", None)  # set again by run_beside when it runs next to another step
+    record.pop("beside", None)  # these two are set again by run_beside when it runs next to another step
+    record.pop("peak_rss_mb", None)
     record.update({"status": "running", "started_at": now(), "seconds": None})
     top.write_manifest("running")
     log.info(f"pipeline: {step.name}: {'resuming' if action == 'resume' else 'running'} "
@@ -478,12 +480,13 @@ def run_beside(todo: list[tuple[PlannedStep, str, list[str]]], top: Run, records
             tails.append(tail)
             readers.append(reader)
         t0 = time.perf_counter()
-        seconds = wait_passing_signals(procs, t0)
+        finished = wait_passing_signals(procs, t0)
     for reader in readers:
         reader.join()
     failed = []
-    for (step, action, _), proc, tail, took in zip(todo, procs, tails, seconds):
+    for (step, action, _), proc, tail, (took, rss) in zip(todo, procs, tails, finished):
         record = records[step.name]
+        record["peak_rss_mb"] = round(rss)
         if proc.returncode == 0:
             end_record(action, record, took)
             continue
@@ -524,39 +527,63 @@ def relay(proc: Any, name: str, tail: list[str]) -> None:
         del tail[:-20]
 
 
-def wait_passing_signals(procs: list[Any], t0: float) -> list[float]:
+def wait_passing_signals(procs: list[Any], t0: float) -> list[tuple[float, float]]:
     """Wait for every process; a stop signal to this one goes on to those still running (the first one when it
-    comes, a second one too: the children then stop at once). Each process's seconds since t0."""
-    seconds: list[float | None] = [None] * len(procs)
+    comes, a second one too: the children then stop at once). Each process's (seconds since t0, peak RSS in MiB)."""
+    done: list[tuple[float, float] | None] = [None] * len(procs)
+    peaks = [0.0] * len(procs)
 
     def pass_on() -> None:
         sig = getattr(signal.Signals, str(stop_requested()).split()[0], signal.SIGTERM)
-        for proc, took in zip(procs, seconds):
-            if took is None:
+        for proc, finished in zip(procs, done):
+            if finished is None:
                 proc.send_signal(sig)
 
     passed_on = False
     with step_boundaries():  # the first signal only sets stop_requested(); this loop passes it on
-        while any(took is None for took in seconds):
+        while any(finished is None for finished in done):
             try:
                 time.sleep(0.1)
                 for i, proc in enumerate(procs):
-                    if seconds[i] is None and proc.poll() is not None:
-                        seconds[i] = time.perf_counter() - t0
+                    if done[i] is None:
+                        peaks[i] = max(peaks[i], high_water_mb(proc.pid))
+                        done[i] = reap(proc, t0, peaks[i])
                 if stop_requested() and not passed_on:
                     passed_on = True
                     pass_on()
             except Interrupted:  # a second signal
                 passed_on = True
                 pass_on()
-    return [took or 0.0 for took in seconds]
+    return [finished or (0.0, 0.0) for finished in done]
+
+
+def high_water_mb(pid: int) -> float:
+    """A running process's peak RSS so far in MiB (Linux's VmHWM, of its own image since exec), 0 where unknown."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0.0)
+
+
+def reap(proc: Any, t0: float, peak_mb: float) -> tuple[float, float] | None:
+    """(seconds since t0, peak RSS in MiB) once `proc` has exited (its exit code set as `poll` would), else None.
+    The peak is the largest polled high-water mark: the kernel's ru_maxrss of a child also counts the parent's
+    pages it was forked with, which would be this pipeline's size, not the step's; without /proc, that is all."""
+    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    if pid == 0:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - t0, peak_mb or usage.ru_maxrss / (1024 if sys.platform.startswith("linux") else 2**20)
 
 
 def print_summary(records: dict[str, dict[str, Any]], total: float) -> None:
     print(f"\n{'step':<12} {'status':<9} {'this run':>10} {'last run':>10}")
     for name, r in records.items():
+        beside = (f"  beside {r['beside']}, peak RSS {r.get('peak_rss_mb', 0) / 1024:.1f} GiB"
+                  if r.get("beside") else "")
         print(f"{name:<12} {r['status']:<9} {r.get('seconds') or 0.0:>9.1f}s {r.get('run_seconds') or 0.0:>9.1f}s"
-              f"{'  beside ' + r['beside'] if r.get('beside') else ''}")
+              f"{beside}")
     print(f"{'total':<12} {'':<9} {total:>9.1f}s "
           f"{sum(r.get('run_seconds') or 0.0 for r in records.values()):>9.1f}s", flush=True)
     if any(r.get("beside") for r in records.values()):
