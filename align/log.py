@@ -17,6 +17,9 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+# "1": draw progress as on a terminal; set by an align process that prints this one's output to its own terminal
+# (the pipeline's side-by-side steps: each bar update then reaches the terminal as a line of its own)
+PROGRESS_ENV = "ALIGN_PROGRESS"
 DATEFMT = "%H:%M:%S"
 # Loggers whose warnings name nothing a user can change: bitsandbytes' optional CPU kernel download (every command
 # that imports it printed "Failed to load CPU gemm_4bit_forward from kernels-community ..."), and the Hub's kernel
@@ -118,8 +121,9 @@ def show_progress(*, tty: bool, ci: str, level: int, rank: int) -> bool:
 
 
 def progress_enabled() -> bool:
-    """`show_progress` for this process: stderr, the CI variable, the level `configure` set, the rank."""
-    return show_progress(tty=sys.stderr.isatty(), ci=os.environ.get("CI", ""),
+    """`show_progress` for this process: stderr (or PROGRESS_ENV), the CI variable, the level `configure` set, the
+    rank."""
+    return show_progress(tty=sys.stderr.isatty() or os.environ.get(PROGRESS_ENV) == "1", ci=os.environ.get("CI", ""),
                          level=logging.getLogger("align").level, rank=rank())
 
 

@@ -211,8 +211,8 @@ def stop(signum, frame):
     json.dump({"stage": "fake", "status": "interrupted"}, open(os.path.join(cfg["output_dir"], "manifest.json"), "w"))
     sys.exit(130)
 signal.signal(signal.SIGTERM, stop)
-open(out, "a" if cfg["resume"] else "w").write(
-    f"start {time.time()} threads {os.environ['OMP_NUM_THREADS']} resume {cfg['resume']}\\n")
+open(out, "a" if cfg["resume"] else "w").write(f"start {time.time()} threads {os.environ['OMP_NUM_THREADS']} "
+                                               f"resume {cfg['resume']} progress {os.environ['ALIGN_PROGRESS']}\\n")
 print(f"working on {cfg['input']}", flush=True)
 held = b"x" * (cfg["value"] * 10 * 2**20 if cfg["note"] == "hold" else 0)  # value 15: 150 MiB touched
 time.sleep(0 if cfg["resume"] else cfg["value"] / 10)
@@ -240,17 +240,20 @@ def fake_children(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_two_steps_side_by_side_run_at_once_in_their_own_processes(tmp_path: Path, data: Path, capsys,
+                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                    fake_children: None) -> None:
     root = tmp_path / "pipe"
+    monkeypatch.setattr(pipeline, "progress_enabled", lambda: True)  # as on a terminal: the children draw bars
     steps = beside_steps(root, data, {"ppo": 15, "online": 10}, notes={"ppo": "hold", "online": "hold"})
     records = execute(steps, root, {"fake": True}, beside=True)
     assert {n: (r["status"], r["beside"]) for n, r in records.items()} == {"ppo": ("ran", "online"),
                                                                           "online": ("ran", "ppo")}
     assert CALLS == [] or all(name not in ("ppo", "online") for name, *_ in CALLS)  # not run in this process
     times = {n: (root / n / "out.txt").read_text().split() for n in ("ppo", "online")}
-    starts, ends = ({n: float(t[i]) for n, t in times.items()} for i in (1, 7))
+    starts, ends = ({n: float(t[i]) for n, t in times.items()} for i in (1, 9))
     assert max(starts.values()) < min(ends.values())  # they overlapped
     assert {t[3] for t in times.values()} == {str(pipeline.threads_each())}
+    assert {t[7] for t in times.values()} == {"1"}  # ALIGN_PROGRESS
     assert records["ppo"]["seconds"] >= 1.5 > records["online"]["seconds"] >= 1.0
     # each one's own peak (100 or 150 MiB held, plus the interpreter's ~20), not this process's size
     assert 150 <= records["ppo"]["peak_rss_mb"] < 150 + 60 and 100 <= records["online"]["peak_rss_mb"] < 100 + 60
@@ -382,6 +385,22 @@ def test_steps_go_side_by_side_only_where_the_machine_has_room(monkeypatch: pyte
     assert "GiB of memory available, 1000000 needed" in pipeline.why_not_side_by_side()
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     assert pipeline.why_not_side_by_side() == "a GPU is present"
+
+
+def test_a_child_whose_output_reaches_a_terminal_draws_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import logging
+
+    from align.log import PROGRESS_ENV, progress_enabled
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
+    logger = logging.getLogger("align")
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    monkeypatch.setenv(PROGRESS_ENV, "0")
+    assert not progress_enabled()
+    monkeypatch.setenv(PROGRESS_ENV, "1")
+    assert progress_enabled()
 
 
 def test_a_step_started_by_the_pipeline_gets_sigterm_when_the_pipeline_dies(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from align.cli import PARENT_ENV
 from align.config import load_config, opt, to_dict
 from align.errors import AlignError, ConfigError
+from align.log import PROGRESS_ENV, progress_enabled
 from align.runs import (
     Interrupted,
     Run,
@@ -461,7 +462,8 @@ def run_beside(todo: list[tuple[PlannedStep, str, list[str]]], top: Run, records
     import yaml
 
     threads = str(threads_each())
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, PARENT_ENV: str(os.getpid())}
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, PARENT_ENV: str(os.getpid()),
+           PROGRESS_ENV: "1" if progress_enabled() else "0"}  # their bars reach a terminal as lines, through relay
     log.info(f"pipeline: {todo[0][0].name} and {todo[1][0].name} side by side, {threads} thread(s) each "
              f"(parallel=false: one after another)")
     procs, tails, readers = [], [], []
