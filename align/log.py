@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+DATEFMT = "%H:%M:%S"
 # "1": draw progress as on a terminal; set by an align process that prints this one's output to its own terminal
 # (the pipeline's side-by-side steps: each bar update then reaches the terminal as a line of its own)
 PROGRESS_ENV = "ALIGN_PROGRESS"
-DATEFMT = "%H:%M:%S"
 # Loggers whose warnings name nothing a user can change: bitsandbytes' optional CPU kernel download (every command
 # that imports it printed "Failed to load CPU gemm_4bit_forward from kernels-community ..."), and the Hub's kernel
 # loader behind it.
