@@ -16,7 +16,6 @@ from typing import Any
 from align.stages import STAGES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PARENT_ENV = "ALIGN_PARENT_PID"  # set by a process that runs this one as its child (the pipeline's side-by-side steps)
 
 
 def available_stages() -> dict[str, str]:
@@ -62,20 +61,6 @@ def parse_args(stage: str, argv: list[str], config_cls: type) -> Any:
                               f"overrides look like key=value")
         overrides.append("inputs=[" + ", ".join(repr(p) for p in positional) + "]")
     return load_config(config_cls, path, overrides)
-
-
-def die_with_parent() -> None:
-    """When started by another align process (PARENT_ENV names its pid), get SIGTERM when that one dies (Linux): a
-    training stage then saves a checkpoint and stops, as under a scheduler's SIGTERM, instead of running on alone."""
-    parent = os.environ.pop(PARENT_ENV, "")
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if str(os.getppid()) != parent:  # it died before the line above
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,5 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from align.processes import die_with_parent
+
     die_with_parent()
     sys.exit(main())

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from conftest import write_jsonl
 
+from align import processes
 from align.config import load_config, opt
 from align.runs import fingerprint, read_manifest, start_run
 from align.stages import pipeline, preferences
@@ -243,7 +244,7 @@ def test_two_steps_side_by_side_run_at_once_in_their_own_processes(tmp_path: Pat
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    fake_children: None) -> None:
     root = tmp_path / "pipe"
-    monkeypatch.setattr(pipeline, "progress_enabled", lambda: True)  # as on a terminal: the children draw bars
+    monkeypatch.setattr("align.log.progress_enabled", lambda: True)  # as on a terminal: the children draw bars
     steps = beside_steps(root, data, {"ppo": 15, "online": 10}, notes={"ppo": "hold", "online": "hold"})
     records = execute(steps, root, {"fake": True}, beside=True)
     assert {n: (r["status"], r["beside"]) for n, r in records.items()} == {"ppo": ("ran", "online"),
@@ -252,7 +253,7 @@ def test_two_steps_side_by_side_run_at_once_in_their_own_processes(tmp_path: Pat
     times = {n: (root / n / "out.txt").read_text().split() for n in ("ppo", "online")}
     starts, ends = ({n: float(t[i]) for n, t in times.items()} for i in (1, 9))
     assert max(starts.values()) < min(ends.values())  # they overlapped
-    assert {t[3] for t in times.values()} == {str(pipeline.threads_each())}
+    assert {t[3] for t in times.values()} == {str(processes.threads_each())}
     assert {t[7] for t in times.values()} == {"1"}  # ALIGN_PROGRESS
     assert records["ppo"]["seconds"] >= 1.5 > records["online"]["seconds"] >= 1.0
     # each one's own peak (100 or 150 MiB held, plus the interpreter's ~20), not this process's size
@@ -342,7 +343,7 @@ def test_tiny_pipeline_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     # on a machine that can (CPU, 2+ cores, 12+ GiB free), reward + dpo and ppo + online ran as pairs of processes
     pairs = {n: s.get("beside") for n, s in manifest["steps"].items() if s.get("beside")}
     assert pairs == ({"reward": "dpo", "dpo": "reward", "ppo": "online", "online": "ppo"}
-                     if pipeline.why_not_side_by_side() is None else {})
+                     if processes.why_not_two(pipeline.SIDE_BY_SIDE_MIN_GIB) is None else {})
     for run in find_stage_runs(root):
         assert run.manifest["status"] == "completed", run.name
     evaluation = json.loads((root / "eval" / "eval.json").read_text())
@@ -367,24 +368,22 @@ def test_tiny_pipeline_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     assert ppo_cfg["policy"] == str(root / "dpo")  # ppo_from: dpo — PPO trained on the DPO run folder
 
 
-def test_steps_go_side_by_side_only_where_the_machine_has_room(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_processes_only_where_the_machine_has_room(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    monkeypatch.setattr(pipeline, "cores", lambda: 8)
+    monkeypatch.setattr(processes, "cores", lambda: 8)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(pipeline, "SIDE_BY_SIDE_MIN_GIB", 0)
-    assert pipeline.why_not_side_by_side() is None and pipeline.threads_each() == 4
+    assert processes.why_not_two(0) is None and processes.threads_each() == 4
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's thread budget is halved, not the machine's cores
-    assert pipeline.why_not_side_by_side() is None and pipeline.threads_each() == 1
+    assert processes.why_not_two(0) is None and processes.threads_each() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert pipeline.why_not_side_by_side() == "OMP_NUM_THREADS=1"
+    assert processes.why_not_two(0) == "OMP_NUM_THREADS=1"
     monkeypatch.delenv("OMP_NUM_THREADS")
-    monkeypatch.setattr(pipeline, "cores", lambda: 1)
-    assert pipeline.why_not_side_by_side() == "fewer than 2 cores"
-    monkeypatch.setattr(pipeline, "cores", lambda: 2)
-    monkeypatch.setattr(pipeline, "SIDE_BY_SIDE_MIN_GIB", 10**6)
-    assert "GiB of memory available, 1000000 needed" in pipeline.why_not_side_by_side()
+    monkeypatch.setattr(processes, "cores", lambda: 1)
+    assert processes.why_not_two(0) == "fewer than 2 cores"
+    monkeypatch.setattr(processes, "cores", lambda: 2)
+    assert "GiB of memory available, 1000000 needed" in processes.why_not_two(10**6)
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    assert pipeline.why_not_side_by_side() == "a GPU is present"
+    assert processes.why_not_two(0) == "a GPU is present"
 
 
 def test_a_child_whose_output_reaches_a_terminal_draws_progress(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -404,17 +403,17 @@ def test_a_child_whose_output_reaches_a_terminal_draws_progress(monkeypatch: pyt
 
 
 def test_a_step_started_by_the_pipeline_gets_sigterm_when_the_pipeline_dies(tmp_path: Path) -> None:
-    """`align.cli.die_with_parent`: the pipeline killed outright (SIGKILL) does not leave a step training alone."""
+    """`align.processes.die_with_parent`: the pipeline killed outright (SIGKILL) does not leave a step training alone."""
     import os
     import signal
     import subprocess
     import time
 
-    from align.cli import PARENT_ENV
+    from align.processes import PARENT_ENV
 
     mark = tmp_path / "child.txt"
     child = ("import signal, sys, time\n"
-             "from align.cli import die_with_parent\n"
+             "from align.processes import die_with_parent\n"
              f"signal.signal(signal.SIGTERM, lambda *a: (open({str(mark)!r}, 'w').write('SIGTERM'), sys.exit(0)))\n"
              "die_with_parent()\n"
              f"open({str(mark)!r}, 'w').write('ready')\n"

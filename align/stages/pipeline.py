@@ -19,7 +19,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -29,10 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from align.cli import PARENT_ENV
 from align.config import load_config, opt, to_dict
 from align.errors import AlignError, ConfigError
-from align.log import PROGRESS_ENV, progress_enabled
+from align.processes import start_child, threads_each, wait_all, why_not_two
 from align.runs import (
     Interrupted,
     Run,
@@ -42,7 +40,6 @@ from align.runs import (
     now,
     read_manifest,
     release_lock,
-    step_boundaries,
     stop_requested,
     stop_signals_held,
     take_lock,
@@ -412,39 +409,6 @@ def side_by_side(steps: list[PlannedStep]) -> list[list[PlannedStep]]:
     return groups
 
 
-def why_not_side_by_side() -> str | None:
-    """None when this machine can run two training steps at once: no GPU (two steps on one GPU would share its
-    memory), 2+ cores for this process, SIDE_BY_SIDE_MIN_GIB of available memory; else the reason."""
-    import psutil
-    import torch
-
-    if torch.cuda.is_available() or torch.backends.mps.is_available():
-        return "a GPU is present"
-    if thread_budget() < 2:
-        return "OMP_NUM_THREADS=1" if cores() >= 2 else "fewer than 2 cores"
-    available = psutil.virtual_memory().available / 2**30
-    if available < SIDE_BY_SIDE_MIN_GIB:
-        return f"{available:.1f} GiB of memory available, {SIDE_BY_SIDE_MIN_GIB} needed"
-    return None
-
-
-def cores() -> int:
-    """The cores this process may run on (os.cpu_count() where the OS cannot say, as on macOS)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def thread_budget() -> int:
-    """The threads this pipeline may use: OMP_NUM_THREADS when set, else its cores."""
-    wanted = os.environ.get("OMP_NUM_THREADS", "")
-    return int(wanted) if wanted.isdigit() and int(wanted) > 0 else cores()
-
-
-def threads_each() -> int:
-    """Threads for each of two side-by-side steps: half the budget. torch's threads spin-wait for a core another
-    process holds, so the two must not ask for more than exist."""
-    return max(1, thread_budget() // 2)
-
-
 def child_command(step: PlannedStep, config_file: Path) -> list[str]:
     """`align <stage> <its resolved config>` in a fresh interpreter (which stops when this process dies: PARENT_ENV,
     its own session: a terminal's Ctrl-C reaches this process only, which passes it on)."""
@@ -455,45 +419,30 @@ def run_beside(todo: list[tuple[PlannedStep, str, list[str]]], top: Run, records
     """Two steps at once, each `align <stage>` in its own process with half the cores, their output lines prefixed
     with the step's name. A stop signal is passed on to both (each saves a checkpoint at its next step boundary;
     a second one stops them at once); when one fails the other finishes, then the pipeline stops on the failure."""
-    import subprocess
     import tempfile
-    import threading
 
     import yaml
 
-    threads = str(threads_each())
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, PARENT_ENV: str(os.getpid()),
-           PROGRESS_ENV: "1" if progress_enabled() else "0"}  # their bars reach a terminal as lines, through relay
-    log.info(f"pipeline: {todo[0][0].name} and {todo[1][0].name} side by side, {threads} thread(s) each "
+    log.info(f"pipeline: {todo[0][0].name} and {todo[1][0].name} side by side, {threads_each()} thread(s) each "
              f"(parallel=false: one after another)")
-    procs, tails, readers = [], [], []
+    children = []
     with tempfile.TemporaryDirectory(prefix="align-pipeline-") as tmp:
         for step, action, extra in todo:
             config_file = Path(tmp) / f"{step.name}.yaml"
             config_file.write_text(yaml.safe_dump(to_dict(step_config(step, extra)), sort_keys=False))
             start_record(step, action, top, records[step.name])
             records[step.name]["beside"] = next(s.name for s, _, _ in todo if s is not step)
-            proc = subprocess.Popen(child_command(step, config_file), env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
-            tail: list[str] = []
-            reader = threading.Thread(target=relay, args=(proc, step.name, tail), daemon=True)
-            reader.start()
-            procs.append(proc)
-            tails.append(tail)
-            readers.append(reader)
-        t0 = time.perf_counter()
-        finished = wait_passing_signals(procs, t0)
-    for reader in readers:
-        reader.join()
+            children.append(start_child(step.name, child_command(step, config_file)))
+        finished = wait_all(children)
     failed = []
-    for (step, action, _), proc, tail, (took, rss) in zip(todo, procs, tails, finished):
-        record = records[step.name]
+    for (step, action, _), child, (took, rss) in zip(todo, children, finished):
+        record, proc = records[step.name], child.proc
         record["peak_rss_mb"] = round(rss)
         if proc.returncode == 0:
             end_record(action, record, took)
             continue
         stopped = proc.returncode == 130 or stop_requested() is not None
-        error = next((line for line in reversed(tail) if line.strip()), f"exit code {proc.returncode}")
+        error = child.last_line()
         if proc.returncode < 0:  # killed (a SIGKILL, the kernel's out-of-memory killer): it could not say so
             error = f"align {step.stage} was killed by {signal.Signals(-proc.returncode).name}"
             mark_killed(step.dir, error)
@@ -519,64 +468,6 @@ def mark_killed(run_dir: Path, error: str) -> None:
     if manifest is not None and manifest.status == "running":
         atomic_write_json(run_dir / "manifest.json", {**manifest, "status": "failed", "error": error,
                                                       "finished_at": now()})
-
-
-def relay(proc: Any, name: str, tail: list[str]) -> None:
-    """Print a child's output lines with its step's name in front; keep its last 20 lines in `tail`."""
-    for line in proc.stdout:
-        print(f"{name:>7} | {line}", end="", flush=True)
-        tail.append(line.rstrip())
-        del tail[:-20]
-
-
-def wait_passing_signals(procs: list[Any], t0: float) -> list[tuple[float, float]]:
-    """Wait for every process; a stop signal to this one goes on to those still running (the first one when it
-    comes, a second one too: the children then stop at once). Each process's (seconds since t0, peak RSS in MiB)."""
-    done: list[tuple[float, float] | None] = [None] * len(procs)
-    peaks = [0.0] * len(procs)
-
-    def pass_on() -> None:
-        sig = getattr(signal.Signals, str(stop_requested()).split()[0], signal.SIGTERM)
-        for proc, finished in zip(procs, done):
-            if finished is None:
-                proc.send_signal(sig)
-
-    passed_on = False
-    with step_boundaries():  # the first signal only sets stop_requested(); this loop passes it on
-        while any(finished is None for finished in done):
-            try:
-                time.sleep(0.1)
-                for i, proc in enumerate(procs):
-                    if done[i] is None:
-                        peaks[i] = max(peaks[i], high_water_mb(proc.pid))
-                        done[i] = reap(proc, t0, peaks[i])
-                if stop_requested() and not passed_on:
-                    passed_on = True
-                    pass_on()
-            except Interrupted:  # a second signal
-                passed_on = True
-                pass_on()
-    return [finished or (0.0, 0.0) for finished in done]
-
-
-def high_water_mb(pid: int) -> float:
-    """A running process's peak RSS so far in MiB (Linux's VmHWM, of its own image since exec), 0 where unknown."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0.0)
-
-
-def reap(proc: Any, t0: float, peak_mb: float) -> tuple[float, float] | None:
-    """(seconds since t0, peak RSS in MiB) once `proc` has exited (its exit code set as `poll` would), else None.
-    The peak is the largest polled high-water mark: the kernel's ru_maxrss of a child also counts the parent's
-    pages it was forked with, which would be this pipeline's size, not the step's; without /proc, that is all."""
-    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-    if pid == 0:
-        return None
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - t0, peak_mb or usage.ru_maxrss / (1024 if sys.platform.startswith("linux") else 2**20)
 
 
 def print_summary(records: dict[str, dict[str, Any]], total: float) -> None:
@@ -625,7 +516,7 @@ def beside(cfg: Config, steps: list[PlannedStep]) -> bool:
     can); says why not when it cannot."""
     if not cfg.parallel or all(len(group) == 1 for group in side_by_side(steps)):
         return False
-    reason = why_not_side_by_side()
+    reason = why_not_two(SIDE_BY_SIDE_MIN_GIB)
     if reason:
         log.info(f"pipeline: steps one after another ({reason})")
     return reason is None
