@@ -231,7 +231,7 @@ def test_decode_dtype_follows_its_own_measurement(monkeypatch: pytest.MonkeyPatc
                         lambda dtype: calls.append(dtype) or {torch.float32: 0.03, torch.bfloat16: 0.04}[dtype])
     assert load.pick_dtype("auto", use="forward") == torch.float32 and len(calls) == 4  # its own probe
     known = json.loads((tmp_path / "dtype_probe.json").read_text())
-    assert sorted(k.rsplit("| ", 1)[1] for k in known) == ["decode v1", "forward v1", "lora block v2"]
+    assert sorted(k.rsplit("| ", 1)[1] for k in known) == ["decode v1", "forward v1", "lora block v3"]
 
 
 def test_reward_model_auto_dtype_follows_the_forward_probe(tiny_model: Path, tmp_path: Path,

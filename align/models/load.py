@@ -106,8 +106,9 @@ def pick_dtype(name: str, use: str = "train") -> torch.dtype:
     """'auto' -> bf16 on a CUDA GPU that has it (else fp16); on a CPU, bf16 only where it measured faster than fp32
     on this machine for `use` ('train': LoRA training; 'decode': sampling, which streams every weight once per new
     token; 'forward': no-grad passes over whole sequences, e.g. reference log-probs and reward scores): CPU flags
-    alone mislead (this project's 2-core CPU reports AVX512-BF16, yet LoRA training of the default model ran at half
-    the speed in bf16, while sampling ran 2.2x and a no-grad forward 3.5x faster in bf16)."""
+    alone mislead (a CPU may report AVX512-BF16 and still run bf16 slower; on this project's 2-core CPU, LoRA steps
+    of the default model ran 1.2-1.3x faster in bf16 for SFT and the reward model and at par for DPO, sampling 2.2x
+    and a no-grad forward 3.5x faster)."""
     if name != "auto":
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16}[name]
@@ -119,19 +120,43 @@ def pick_dtype(name: str, use: str = "train") -> torch.dtype:
 
 
 def time_block_step(dtype: torch.dtype, repeats: int = 3) -> float:
-    """Best-of-`repeats` seconds of one forward + backward of a frozen transformer block with a rank-16 LoRA-style
-    adapter (width 576, batch 8 x 64 tokens, like the default model's layers) under CPU autocast to `dtype` (fp32:
-    no autocast). Frozen weights matter: on this project's CPU a trainable block ran 2x faster in bf16 but a
-    frozen block + adapter (what LoRA trains) 2.2x slower, which is what end-to-end LoRA training showed."""
+    """Best-of-`repeats` seconds of one forward + backward of a frozen Llama-style block (the default model's width:
+    RMSNorm, attention, gated MLP; batch 8 x 64 tokens) under a trainable rank-16 adapter, the way a stage trains
+    LoRA in `dtype`: the frozen weights held in `dtype` (a model loaded in bf16), the adapter in fp32 (PEFT keeps
+    it there), bf16 under CPU autocast (the Trainer's bf16=True). The block's weights must be held in bf16: kept
+    in fp32 (v2 of this probe), autocast casts every frozen weight again at every op and bf16 measured 2.2x slower
+    here, while end-to-end LoRA steps in bf16 (weights loaded in bf16) ran 1.2-1.3x faster (README, "Speed on a
+    CPU")."""
+    import torch.nn.functional as F
+
     torch.manual_seed(0)
-    block = torch.nn.TransformerEncoderLayer(d_model=576, nhead=9, dim_feedforward=1536, batch_first=True)
-    block.requires_grad_(False)
-    down, up = torch.nn.Linear(576, 16, bias=False), torch.nn.Linear(16, 576, bias=False)
-    x = torch.randn(8, 64, 576)
+    width, heads, batch, tokens = 576, 9, 8, 64
+
+    def linear(n_in: int, n_out: int) -> torch.nn.Linear:
+        return torch.nn.Linear(n_in, n_out, bias=False)
+
+    w = torch.nn.ModuleDict({"q": linear(width, width), "k": linear(width, width), "v": linear(width, width),
+                             "o": linear(width, width), "gate": linear(width, 1536), "up": linear(width, 1536),
+                             "down": linear(1536, width)}).requires_grad_(False).to(dtype)
+    norm = torch.ones(width, dtype=dtype)
+    down, up = linear(width, 16), linear(16, width)
+    x = torch.randn(batch, tokens, width)
+
+    def rms(h: torch.Tensor) -> torch.Tensor:  # as transformers' LlamaRMSNorm: fp32 statistics, weight in dtype
+        h32 = h.float()
+        return norm * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(batch, tokens, heads, width // heads).transpose(1, 2)
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = block(x + up(down(x))).float().pow(2).mean()
+            h = x + up(down(x))
+            n = rms(h)
+            attn = F.scaled_dot_product_attention(split(w["q"](n)), split(w["k"](n)), split(w["v"](n)), is_causal=True)
+            h = h + w["o"](attn.transpose(1, 2).reshape(batch, tokens, width))
+            n = rms(h)
+            loss = (h + w["down"](F.silu(w["gate"](n)) * w["up"](n))).float().pow(2).mean()
         loss.backward()
 
     return best_time(step, repeats)
@@ -189,7 +214,7 @@ def best_time(step: Any, repeats: int) -> float:
 def cpu_bf16_is_faster(use: str = "train") -> bool:
     """Whether bf16 beat fp32 here for `use` ('train': a LoRA block step, `time_block_step`; 'decode':
     `time_decode_step`; 'forward': `time_forward_step`), measured once (`measured_faster`)."""
-    label, timer = {"train": ("lora block v2", time_block_step), "decode": ("decode v1", time_decode_step),
+    label, timer = {"train": ("lora block v3", time_block_step), "decode": ("decode v1", time_decode_step),
                     "forward": ("forward v1", time_forward_step)}[use]
     return measured_faster(label, lambda: timer(torch.float32), lambda: timer(torch.bfloat16), ("float32", "bfloat16"))
 
