@@ -70,6 +70,17 @@ def test_qlora_loads_4bit(tiny_model):
     assert any(p.__class__.__name__ == "Params4bit" for p in model.parameters())
 
 
+def test_the_training_probe_runs_a_bf16_step_the_way_a_stage_trains() -> None:
+    """The probe holds the frozen block in the dtype it times (a bf16 stage loads the model in bf16) next to an
+    fp32 adapter under autocast: it must run in both dtypes (a norm weight of another dtype than its input fails)."""
+    import torch
+
+    from align.models import load
+
+    assert load.time_block_step(torch.float32, repeats=1) > 0
+    assert load.time_block_step(torch.bfloat16, repeats=1) > 0
+
+
 def test_dtype_auto_on_cpu_follows_a_measurement_not_the_cpu_flags(monkeypatch, tmp_path) -> None:
     import torch
 
