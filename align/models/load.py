@@ -107,8 +107,8 @@ def pick_dtype(name: str, use: str = "train") -> torch.dtype:
     on this machine for `use` ('train': LoRA training; 'decode': sampling, which streams every weight once per new
     token; 'forward': no-grad passes over whole sequences, e.g. reference log-probs and reward scores): CPU flags
     alone mislead (a CPU may report AVX512-BF16 and still run bf16 slower; on this project's 2-core CPU, LoRA steps
-    of the default model ran 1.2-1.3x faster in bf16 for SFT and the reward model and at par for DPO, sampling 2.2x
-    and a no-grad forward 3.5x faster)."""
+    of the default model ran 1.1-1.2x faster in bf16 for SFT, 1.2-1.3x for the reward model and at par for DPO,
+    sampling 2.2x and a no-grad forward 3.5x faster)."""
     if name != "auto":
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16}[name]
@@ -125,8 +125,8 @@ def time_block_step(dtype: torch.dtype, repeats: int = 3) -> float:
     LoRA in `dtype`: the frozen weights held in `dtype` (a model loaded in bf16), the adapter in fp32 (PEFT keeps
     it there), bf16 under CPU autocast (the Trainer's bf16=True). The block's weights must be held in bf16: kept
     in fp32 (v2 of this probe), autocast casts every frozen weight again at every op and bf16 measured 2.2x slower
-    here, while end-to-end LoRA steps in bf16 (weights loaded in bf16) ran 1.2-1.3x faster (README, "Speed on a
-    CPU")."""
+    here, while end-to-end LoRA stages in bf16 (weights loaded in bf16) ran 1.1-1.3x faster (sft, reward; dpo at par:
+    README, "Speed on a CPU")."""
     import torch.nn.functional as F
 
     torch.manual_seed(0)
