@@ -1,6 +1,7 @@
 """train.forward_batch: a micro-batch run as several forward/backward passes with their gradients summed is the
 same update as one pass (SFT: a mean over the batch's tokens; reward and DPO: a mean over pairs), on real stage
-runs; auto picks passes of at most FORWARD_TOKENS tokens on a CPU; losses that couple a batch's pairs refuse it."""
+runs; auto picks passes of at most FORWARD_TOKENS tokens of the data's longest example on a CPU; losses that couple
+a batch's pairs refuse it."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from test_reward import toy_files  # noqa: F401  (fixture)
 from align.config import load_config
 from align.errors import ConfigError
 from align.stages import dpo, grpo, reward, sft
-from align.training import FORWARD_TOKENS, TrainSettings, forward_batch, trainer_kwargs
+from align.training import FORWARD_TOKENS, TrainSettings, forward_batch, longest_example, trainer_kwargs
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -37,6 +38,12 @@ def test_auto_forward_batch_on_a_cpu(batch, example_tokens, expected, monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert forward_batch(TrainSettings(batch_size=batch), example_tokens) == expected
     assert expected * (example_tokens or 0) <= FORWARD_TOKENS or expected == 1 or example_tokens is None
+
+
+def test_the_longest_example_sizes_the_passes():
+    assert longest_example([30, 250, 90]) == 250
+    assert longest_example(iter([30, 250, 90]), 2) == 500  # a pair: two sequences padded to the longer, or packed
+    assert longest_example([]) == 1
 
 
 def test_a_gpu_and_an_explicit_setting(monkeypatch, tmp_path):
@@ -84,29 +91,40 @@ def same_update(one: Path, split: Path, passes: int, batch: int) -> None:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)  # moves a few by ~1e-6
 
 
-def test_sft_in_passes_is_the_same_update(tiny_model, tmp_path):
+# The "one" runs leave train.forward_batch on auto with a max_length whose worst case (a pass of one or two
+# max_length examples) would split the batch: the short toy examples put the whole batch in one pass.
+
+def test_sft_in_passes_is_the_same_update(tiny_model, tmp_path, monkeypatch):
     """The demo SFT examples differ in length: a per-pass token mean would weight them differently."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
     def run(name: str, fb: int) -> Path:
         return sft.run(load_config(sft.Config, REPO / "stages/tiny/sft.yaml", [
             f"model={tiny_model}", f"output_dir={tmp_path / name}", "peft.dropout=0.0", "train.max_steps=2",
             "train.batch_size=4", f"train.forward_batch={fb}", "train.logging_steps=1", "train.save_steps=2",
-            "train.eval_steps=0"]))
+            "train.eval_steps=0", "data.max_length=512"]))
 
-    same_update(run("one", 4), run("split", 1), passes=4, batch=4)
+    same_update(run("one", 0), run("split", 1), passes=4, batch=4)
 
 
-def test_reward_in_passes_is_the_same_update(tiny_model, toy_files, tmp_path):  # noqa: F811
+def test_reward_in_passes_is_the_same_update(tiny_model, toy_files, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
     def run(name: str, fb: int) -> Path:
         return reward.run(reward_config(tiny_model, *toy_files, tmp_path / name, "train.max_steps=2",
                                         "train.batch_size=4", f"train.forward_batch={fb}", "train.logging_steps=1",
-                                        "train.save_steps=2", "center_rewards_coefficient=0.01", "baselines=false"))
+                                        "train.save_steps=2", "center_rewards_coefficient=0.01", "baselines=false",
+                                        "data.max_length=256"))
 
-    same_update(run("one", 4), run("split", 2), passes=2, batch=4)
+    same_update(run("one", 0), run("split", 2), passes=2, batch=4)
 
 
-def test_dpo_in_passes_is_the_same_update(tiny_model, toy_prefs, tmp_path):  # noqa: F811
+def test_dpo_in_passes_is_the_same_update(tiny_model, toy_prefs, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
     def run(name: str, fb: int) -> Path:
         return dpo.run(dpo_config(tiny_model, tmp_path / name, toy_prefs, "train.max_steps=2", "train.batch_size=4",
-                                  f"train.forward_batch={fb}", "train.logging_steps=1", "train.save_steps=2"))
+                                  f"train.forward_batch={fb}", "train.logging_steps=1", "train.save_steps=2",
+                                  "data.max_length=384"))
 
-    same_update(run("one", 4), run("split", 1), passes=4, batch=4)
+    same_update(run("one", 0), run("split", 1), passes=4, batch=4)

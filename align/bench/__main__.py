@@ -82,7 +82,8 @@ class Inputs:
     sft_train: Path
     sft_valid: Path
     pref_train: Path
-    pref_valid: Path
+    pref_valid: Path  # one reward batch of pairs
+    dpo_valid: Path  # one DPO batch of pairs
     prompts: Path
 
 
@@ -183,7 +184,7 @@ def reward_raw(r: Runner, s: Setup, d: Inputs) -> Measure:
 
 def dpo_align(r: Runner, s: Setup, d: Inputs) -> Measure:
     m, _, wall, rss = r.align("dpo", [
-        f"policy={s.model}", f"dtype={s.dtype}", f"data.train={d.pref_train}", "data.validation=",
+        f"policy={s.model}", f"dtype={s.dtype}", f"data.train={d.pref_train}", f"data.validation={d.dpo_valid}",
         f"data.max_length={s.pref_max_length}", "dpo.beta=0.1", "dpo.loss_type=sigmoid", "dpo.sft_weight=0",
         "dpo.label_smoothing=0", "eval.size=0", *lora(0.0), *trainer(s, s.dpo_batch)])
     return Measure(pairs_per_second(m, s.steps, s.dpo_batch), rss, wall, m)
@@ -313,10 +314,12 @@ def prepare_inputs(r: Runner, s: Setup, need_prefs: bool) -> Inputs:
     if need_prefs:
         run_child([sys.executable, "-m", "align.cli", "import", "stages/import.yaml", f"output_dir={imported}",
                    f"model={s.model}"], work / "logs" / "00-import.log")
-        pref_valid = work / "pref_valid.jsonl"
-        pref_valid.write_text("".join((imported / "valid.jsonl").read_text().splitlines(True)[: s.reward_batch]))
+        pairs = (imported / "valid.jsonl").read_text().splitlines(True)
+        (work / "pref_valid.jsonl").write_text("".join(pairs[: s.reward_batch]))
+        (work / "dpo_valid.jsonl").write_text("".join(pairs[: s.dpo_batch]))
     return Inputs(work=work, sft_train=REPO / "data/sft/train.jsonl", sft_valid=sft_valid,
                   pref_train=imported / "train.jsonl", pref_valid=work / "pref_valid.jsonl",
+                  dpo_valid=work / "dpo_valid.jsonl",
                   prompts=REPO / "data/prompts/eval.jsonl")
 
 

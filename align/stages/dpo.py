@@ -17,6 +17,7 @@ ending its answers. The NLL term keeps the chosen answers, their end-of-turn inc
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -161,6 +162,7 @@ def run(cfg: Config) -> Path:
         callbacks,
         history_metrics,
         last_checkpoint,
+        longest_example,
         precision_flags,
         total_steps,
         trainer_kwargs,
@@ -185,7 +187,8 @@ def run(cfg: Config) -> Path:
     log.info(f"dpo: {trained} ({n_train:,} of {n_total:,} parameters); loss {loss_name(cfg.dpo)}, β={cfg.dpo.beta}; "
              f"{len(train_ds)} pairs")
 
-    example_tokens = 2 * cfg.data.max_length if per_pair_loss(cfg.dpo) else None  # chosen + rejected
+    example_tokens = longest_example(sequence_lengths(train_ds, tokenizer, cfg.data.max_length), 2) \
+        if per_pair_loss(cfg.dpo) else None
     args = DPOConfig(**trainer_kwargs(cfg.train, run_.dir, seed=cfg.seed, has_eval=val_ds is not None,
                                       example_tokens=example_tokens),
                      **precision_flags(dtype), beta=cfg.dpo.beta, **loss_kwargs(cfg.dpo),
@@ -223,6 +226,16 @@ def run(cfg: Config) -> Path:
               f"{after.get('eval_rewards/margins', float('nan')):.3f}", flush=True)
     log.info(f"dpo: model saved to {out}")
     return run_.finish()
+
+
+def sequence_lengths(dataset: Any, tokenizer: Any, max_length: int) -> Iterator[int]:
+    """Tokens of every prompt + chosen and prompt + rejected sequence of a preference dataset, as DPOTrainer
+    truncates them (to max_length)."""
+    from align.reward_model import encode
+
+    for row in dataset:
+        for response in (row["chosen"], row["rejected"]):
+            yield min(max_length, len(encode(tokenizer, row["prompt"], response)))
 
 
 def probe_batch(trainer: Any) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from align.training import (
     evaluate_before_training,
     history_metrics,
     last_checkpoint,
+    longest_example,
     precision_flags,
     total_steps,
     trainer_kwargs,
@@ -156,8 +157,9 @@ def run(cfg: Config) -> Path:
              f"peft.method={cfg.peft.method}: training {trained_what} — {trainable:,} of {total:,} parameters")
 
     # the loss is a mean over pairs: passes of fewer pairs sum to the batch's gradient (chosen + rejected per pair)
+    pair_tokens = longest_example((len(r[k]) for r in train_rows for k in ("chosen_ids", "rejected_ids")), 2)
     args = RewardConfig(**trainer_kwargs(cfg.train, run_.dir, seed=cfg.seed, has_eval=True,
-                                         example_tokens=2 * cfg.data.max_length), **precision_flags(dtype),
+                                         example_tokens=pair_tokens), **precision_flags(dtype),
                         max_length=None, disable_dropout=True,
                         center_rewards_coefficient=cfg.center_rewards_coefficient or None)
     extra = [adalora_callback(model)] if cfg.peft.method == "adalora" else []

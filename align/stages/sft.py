@@ -34,6 +34,7 @@ from align.training import (
     evaluate_before_training,
     history_metrics,
     last_checkpoint,
+    longest_example,
     padding_free_matches,
     precision_flags,
     total_steps,
@@ -165,7 +166,7 @@ def run(cfg: Config) -> Path:
     # Lengths were checked above (data.max_length); padding-free batches are not truncated again by TRL.
     # the loss is a mean over the batch's tokens, counted across passes (num_items_in_batch): the same gradient
     args = SFTConfig(**trainer_kwargs(cfg.train, run_.dir, seed=cfg.seed, has_eval=True,
-                                      example_tokens=cfg.data.max_length),
+                                      example_tokens=longest_example(map(len, train_ds["input_ids"]))),
                      **precision_flags(dtype), max_length=None if free else cfg.data.max_length,
                      neftune_noise_alpha=cfg.neftune_noise_alpha or None, packing=False, padding_free=free)
     extra = [adalora_callback(model)] if cfg.peft.method == "adalora" else []
