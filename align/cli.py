@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from align.processes import die_with_parent
+    from align.processes import die_with_parent, take_threads_when_alone
 
     die_with_parent()
+    take_threads_when_alone()
     sys.exit(main())

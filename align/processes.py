@@ -3,11 +3,12 @@ processes with their output relayed, stop signals passed on and their peak memor
 
 Why: on 2 cores, two processes of one thread each get more done than one process of two threads (torch's
 intra-op threads synchronise at every operator; 2026-12-06: PPO and online RLAIF side by side 416 s against
-259 + 254 s one after another). Users: the pipeline's side-by-side training steps, eval's two sampling processes.
+259 + 254 s one after another). User: the pipeline's side-by-side training steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 PARENT_ENV = "ALIGN_PARENT_PID"  # set by a process that runs this one as its child (it then dies with its parent)
+THREADS_ENV = "ALIGN_THREADS_ALONE"  # the threads a child takes when told it runs alone (ALONE_SIGNAL)
+# SIGURG: ignored by default (a child told before its handler is set lives on), and nothing in this stack uses it
+ALONE_SIGNAL = signal.SIGURG
 
 
 def die_with_parent() -> None:
@@ -31,6 +35,21 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if str(os.getppid()) != parent:  # it died before the line above
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def take_threads_when_alone() -> None:
+    """In a child of `start_child`: on ALONE_SIGNAL (its partner finished and nothing takes the freed cores), run
+    the torch operations that follow with the whole thread budget (THREADS_ENV). Same numbers: the default model's
+    fp32 and bf16 forward, backward and greedy decoding are bitwise equal on 1 and 2 threads (2026-12-06)."""
+    threads = os.environ.pop(THREADS_ENV, "")
+    if not threads.isdigit():
+        return
+
+    def grow(signum: int, frame: Any) -> None:
+        with contextlib.suppress(Exception):  # torch half-imported when the signal came: the child keeps its threads
+            sys.modules["torch"].set_num_threads(int(threads))
+
+    signal.signal(ALONE_SIGNAL, grow)
 
 
 def cores() -> int:
@@ -74,6 +93,10 @@ class Child:
     proc: Any  # subprocess.Popen
     tail: list[str] = field(default_factory=list)  # its last 20 output lines
     reader: threading.Thread | None = None
+    started: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0  # from start to exit, once it exited (`reap`)
+    peak_mb: float = 0.0  # its peak RSS so far (polled)
+    alone: bool = False  # told to take the whole thread budget (`Running.alone`)
 
     def last_line(self) -> str:
         return next((line for line in reversed(self.tail) if line.strip()), f"exit code {self.proc.returncode}")
@@ -89,7 +112,7 @@ def start_child(name: str, command: list[str]) -> Child:
 
     threads = str(threads_each())
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, PARENT_ENV: str(os.getpid()),
-           PROGRESS_ENV: "1" if progress_enabled() else "0"}
+           THREADS_ENV: str(thread_budget()), PROGRESS_ENV: "1" if progress_enabled() else "0"}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace", start_new_session=True)
     child = Child(name, proc)
@@ -106,41 +129,61 @@ def relay(proc: Any, name: str, tail: list[str]) -> None:
         del tail[:-20]
 
 
-def wait_all(children: list[Child]) -> list[tuple[float, float]]:
-    """Wait for every child; a stop signal to this process goes on to those still running (the first one when it
-    comes, a second one too: the children then stop at once). Each child's (seconds, peak RSS in MiB)."""
-    from align.runs import Interrupted, step_boundaries, stop_requested
+class Running:
+    """Child processes running at once; `wait_next` hands back each one as it exits. A stop signal to this process
+    goes on to those still running (the first one when it comes, a second one too: the children then stop at
+    once); the caller starts no new child once `align.runs.stop_requested()`."""
 
-    t0 = time.perf_counter()
-    procs = [c.proc for c in children]
-    done: list[tuple[float, float] | None] = [None] * len(procs)
-    peaks = [0.0] * len(procs)
+    def __init__(self) -> None:
+        self.children: list[Child] = []
+        self.passed_on = False
 
-    def pass_on() -> None:
+    def start(self, name: str, command: list[str]) -> Child:
+        child = start_child(name, command)
+        self.children.append(child)
+        return child
+
+    def wait_next(self) -> Child:
+        """Wait until a running child exits; that child, its `seconds` and `peak_mb` set, its output relayed."""
+        from align.runs import Interrupted, step_boundaries, stop_requested
+
+        with step_boundaries():  # the first signal only sets stop_requested(); this loop passes it on
+            while True:
+                try:
+                    for child in self.children:
+                        child.peak_mb = max(child.peak_mb, high_water_mb(child.proc.pid))
+                        if reap(child):
+                            self.children.remove(child)
+                            if child.reader is not None:
+                                child.reader.join()
+                            return child
+                    if stop_requested() and not self.passed_on:
+                        self.passed_on = True
+                        self.pass_on()
+                    time.sleep(0.1)
+                except Interrupted:  # a second signal
+                    self.passed_on = True
+                    self.pass_on()
+
+    def alone(self) -> None:
+        """The one child still running gets the whole thread budget (`take_threads_when_alone`), once."""
+        if len(self.children) == 1 and not self.children[0].alone:
+            self.children[0].alone = True
+            signal_child(self.children[0], ALONE_SIGNAL)
+
+    def pass_on(self) -> None:
+        from align.runs import stop_requested
+
         sig = getattr(signal.Signals, str(stop_requested()).split()[0], signal.SIGTERM)
-        for proc, finished in zip(procs, done):
-            if finished is None:
-                proc.send_signal(sig)
+        for child in self.children:
+            signal_child(child, sig)
 
-    passed_on = False
-    with step_boundaries():  # the first signal only sets stop_requested(); this loop passes it on
-        while any(finished is None for finished in done):
-            try:
-                time.sleep(0.1)
-                for i, proc in enumerate(procs):
-                    if done[i] is None:
-                        peaks[i] = max(peaks[i], high_water_mb(proc.pid))
-                        done[i] = reap(proc, t0, peaks[i])
-                if stop_requested() and not passed_on:
-                    passed_on = True
-                    pass_on()
-            except Interrupted:  # a second signal
-                passed_on = True
-                pass_on()
-    for child in children:
-        if child.reader is not None:
-            child.reader.join()
-    return [finished or (0.0, 0.0) for finished in done]
+
+def signal_child(child: Child, sig: int) -> None:
+    """`sig` to a child not reaped yet (`Popen.send_signal` would reap one that just exited, and `reap` would not
+    see its exit)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(child.proc.pid, sig)
 
 
 def high_water_mb(pid: int) -> float:
@@ -152,12 +195,14 @@ def high_water_mb(pid: int) -> float:
     return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0.0)
 
 
-def reap(proc: Any, t0: float, peak_mb: float) -> tuple[float, float] | None:
-    """(seconds since t0, peak RSS in MiB) once `proc` has exited (its exit code set as `poll` would), else None.
-    The peak is the largest polled high-water mark: the kernel's ru_maxrss of a child also counts the parent's
+def reap(child: Child) -> bool:
+    """Has `child` exited? Then its exit code (as `poll` would set it), `seconds` since it started and `peak_mb` are
+    set. The peak is the largest polled high-water mark: the kernel's ru_maxrss of a child also counts the parent's
     pages it was forked with, which would be this process's size, not the child's; without /proc, that is all."""
-    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    pid, status, usage = os.wait4(child.proc.pid, os.WNOHANG)
     if pid == 0:
-        return None
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - t0, peak_mb or usage.ru_maxrss / (1024 if sys.platform.startswith("linux") else 2**20)
+        return False
+    child.proc.returncode = os.waitstatus_to_exitcode(status)
+    child.seconds = time.perf_counter() - child.started
+    child.peak_mb = child.peak_mb or usage.ru_maxrss / (1024 if sys.platform.startswith("linux") else 2**20)
+    return True

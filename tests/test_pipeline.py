@@ -184,22 +184,52 @@ def test_the_demo_ppo_has_room_for_the_answers_eval_asks_for(tmp_path: Path) -> 
     assert ppo.sampling.max_new_tokens >= evaluation.sampling.max_new_tokens
 
 
-def test_training_steps_that_do_not_read_each_other_go_side_by_side(tmp_path: Path) -> None:
-    """reward + dpo (DPO's held-out check off, so it does not read the reward model), then ppo + online; a step that
-    reads the other's folder waits for it."""
-    def groups(*overrides: str) -> list[list[str]]:
-        cfg = load_config(pipeline.Config, Path("stages/pipeline.yaml"), [f"output_dir={tmp_path}", *overrides])
-        return [[s.name for s in g] for g in pipeline.side_by_side(pipeline.plan(cfg))]
+def schedule(steps: list, finishing: list[str]) -> list[list[str]]:
+    """The steps running after each start or finish, the running ones finishing in the order `finishing` names
+    (the scheduler's choices, without running anything)."""
+    pending = [s for s in steps if s.name in pipeline.SIDE_BY_SIDE]
+    active: dict[str, tuple] = {}
+    seen, finishing = [], list(finishing)
+    while pending or active:
+        step = pipeline.next_step(pending, active)
+        if step is None:
+            active.pop(next(n for n in finishing if n in active))
+            finishing = [n for n in finishing if n in active or n in [s.name for s in pending]]
+        else:
+            pending.remove(step)
+            active[step.name] = (step, "run")
+        seen.append(sorted(active))
+    return seen
 
-    pairs = [g for g in groups() if len(g) > 1]
-    assert pairs == [["reward", "dpo"], ["ppo", "online"]]
-    steps = pipeline.plan(load_config(pipeline.Config, Path("stages/pipeline.yaml"), [f"output_dir={tmp_path}"]))
+
+def test_training_steps_start_as_soon_as_a_process_is_free_and_what_they_read_is_done(tmp_path: Path) -> None:
+    """reward + dpo (DPO's held-out check off, so it does not read the reward model); a step that reads another's
+    folder waits for it; one that reads none still running takes the first free process."""
+    def plan(*overrides: str) -> list:
+        return pipeline.plan(load_config(pipeline.Config, Path("stages/pipeline.yaml"),
+                                         [f"output_dir={tmp_path}", *overrides]))
+
+    steps = plan()  # ppo_from=dpo, online_from=dpo: both wait for dpo
     assert pipeline.step_config(steps[pipeline.ORDER.index("dpo")]).eval.reward.model == ""
-    # DPO's held-out check scores with the pipeline's reward model: it then runs after it
-    assert [g for g in groups("steps.dpo.overrides.eval.size=4") if len(g) > 1] == [["ppo", "online"]]
-    # ppo reads dpo (ppo_from=dpo); from sft, dpo and ppo could pair, and online then runs alone
-    assert [g for g in groups("ppo_from=sft", "online_from=sft") if len(g) > 1] == [["reward", "dpo"],
-                                                                                   ["ppo", "online"]]
+    assert schedule(steps, ["reward", "dpo", "ppo", "online"]) == [
+        ["reward"], ["dpo", "reward"], ["dpo"], [], ["ppo"], ["online", "ppo"], ["online"], []]
+    # from sft: ppo starts when reward is done (dpo still training), online when dpo is
+    from_sft = plan("ppo_from=sft", "online_from=sft")
+    assert schedule(from_sft, ["reward", "dpo", "ppo", "online"]) == [
+        ["reward"], ["dpo", "reward"], ["dpo"], ["dpo", "ppo"], ["ppo"], ["online", "ppo"], ["online"], []]
+    # dpo done first: ppo and online read reward, so the free process waits
+    assert schedule(from_sft, ["dpo", "reward", "ppo", "online"])[:5] == [["reward"], ["dpo", "reward"], ["reward"],
+                                                                         [], ["ppo"]]
+    # ppo_from=dpo, online from sft: online takes the process reward frees, ppo waits for dpo
+    assert schedule(plan("online_from=sft"), ["reward", "dpo", "online", "ppo"]) == [
+        ["reward"], ["dpo", "reward"], ["dpo"], ["dpo", "online"], ["online"], ["online", "ppo"], ["ppo"], []]
+    # DPO's held-out check scores with the pipeline's reward model: dpo then waits for reward
+    checked = plan("steps.dpo.overrides.eval.size=4")
+    assert schedule(checked, ["reward", "dpo", "ppo", "online"])[:3] == [["reward"], [], ["dpo"]]
+    # other steps keep their place: eval waits for every training step, and nothing runs beside it
+    evaluation = steps[pipeline.ORDER.index("eval")]
+    assert pipeline.next_step([evaluation], {}) is evaluation
+    assert pipeline.next_step([evaluation], {"online": (steps[pipeline.ORDER.index("online")], "run")}) is None
 
 
 CHILD = """
@@ -212,6 +242,10 @@ def stop(signum, frame):
     json.dump({"stage": "fake", "status": "interrupted"}, open(os.path.join(cfg["output_dir"], "manifest.json"), "w"))
     sys.exit(130)
 signal.signal(signal.SIGTERM, stop)
+import types
+from align.processes import take_threads_when_alone
+sys.modules["torch"] = types.SimpleNamespace(set_num_threads=lambda n: open(out, "a").write(f"threads now {n}\\n"))
+take_threads_when_alone()
 open(out, "a" if cfg["resume"] else "w").write(f"start {time.time()} threads {os.environ['OMP_NUM_THREADS']} "
                                                f"resume {cfg['resume']} progress {os.environ['ALIGN_PROGRESS']}\\n")
 print(f"working on {cfg['input']}", flush=True)
@@ -247,15 +281,20 @@ def test_two_steps_side_by_side_run_at_once_in_their_own_processes(tmp_path: Pat
     monkeypatch.setattr("align.log.progress_enabled", lambda: True)  # as on a terminal: the children draw bars
     steps = beside_steps(root, data, {"ppo": 15, "online": 10}, notes={"ppo": "hold", "online": "hold"})
     records = execute(steps, root, {"fake": True}, beside=True)
-    assert {n: (r["status"], r["beside"]) for n, r in records.items()} == {"ppo": ("ran", "online"),
-                                                                          "online": ("ran", "ppo")}
+    assert {n: (r["status"], r["beside"]) for n, r in records.items()} == {"ppo": ("ran", ["online"]),
+                                                                          "online": ("ran", ["ppo"])}
     assert CALLS == [] or all(name not in ("ppo", "online") for name, *_ in CALLS)  # not run in this process
-    times = {n: (root / n / "out.txt").read_text().split() for n in ("ppo", "online")}
-    starts, ends = ({n: float(t[i]) for n, t in times.items()} for i in (1, 9))
+    lines = {n: (root / n / "out.txt").read_text().splitlines() for n in ("ppo", "online")}
+    times = {n: lines[n][0].split() for n in lines}
+    starts = {n: float(t[1]) for n, t in times.items()}
+    ends = {n: float(lines[n][-1].split()[1]) for n in lines}
     assert max(starts.values()) < min(ends.values())  # they overlapped
     assert {t[3] for t in times.values()} == {str(processes.threads_each())}
     assert {t[7] for t in times.values()} == {"1"}  # ALIGN_PROGRESS
     assert records["ppo"]["seconds"] >= 1.5 > records["online"]["seconds"] >= 1.0
+    # online finished first: ppo, alone from then on, took the whole thread budget; online never did
+    assert f"threads now {processes.thread_budget()}" in (root / "ppo" / "out.txt").read_text()
+    assert "threads now" not in (root / "online" / "out.txt").read_text()
     # each one's own peak (100 or 150 MiB held, plus the interpreter's ~20), not this process's size
     assert 150 <= records["ppo"]["peak_rss_mb"] < 150 + 60 and 100 <= records["online"]["peak_rss_mb"] < 100 + 60
     out = capsys.readouterr().out
@@ -313,8 +352,8 @@ def test_a_stop_signal_reaches_both_steps_side_by_side(tmp_path: Path, data: Pat
     # the same command continues both, side by side again, each with resume=true
     with stop_signals_held():  # as `align pipeline` runs it: a new command, no stop signal yet
         records = execute(beside_steps(root, data, {"ppo": 100, "online": 100}), root, {"fake": True}, beside=True)
-    assert {n: (r["status"], r["beside"]) for n, r in records.items()} == {"ppo": ("resumed", "online"),
-                                                                          "online": ("resumed", "ppo")}
+    assert {n: (r["status"], r["beside"]) for n, r in records.items()} == {"ppo": ("resumed", ["online"]),
+                                                                          "online": ("resumed", ["ppo"])}
     for name in ("ppo", "online"):
         assert "resume True" in (root / name / "out.txt").read_text().splitlines()[-2]
 
@@ -342,7 +381,7 @@ def test_tiny_pipeline_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     assert {s["status"] for s in manifest["steps"].values()} == {"ran"}
     # on a machine that can (CPU, 2+ cores, 12+ GiB free), reward + dpo and ppo + online ran as pairs of processes
     pairs = {n: s.get("beside") for n, s in manifest["steps"].items() if s.get("beside")}
-    assert pairs == ({"reward": "dpo", "dpo": "reward", "ppo": "online", "online": "ppo"}
+    assert pairs == ({"reward": ["dpo"], "dpo": ["reward"], "ppo": ["online"], "online": ["ppo"]}
                      if processes.why_not_two(pipeline.SIDE_BY_SIDE_MIN_GIB) is None else {})
     for run in find_stage_runs(root):
         assert run.manifest["status"] == "completed", run.name

@@ -1,7 +1,8 @@
 """pipeline: SFT -> import (human labels) -> generate + judge (AI labels) -> preferences -> reward -> PPO + DPO
 -> online RLAIF (the reward model judges the policy's own samples, round after round) -> eval -> report, each step
-in its own folder under `output_dir`, in this process; on a CPU machine two training steps that do not read each
-other's folders (reward + dpo, ppo + online) run side by side in two processes (`parallel`). Stages come from the
+in its own folder under `output_dir`, in this process; on a CPU machine the training steps run two at a time in
+processes of their own, each as soon as a process is free and the steps it reads are done (`parallel`: reward +
+dpo, then ppo + online; the one left alone takes the freed cores). Stages come from the
 registry in align/stages/__init__.py; fingerprints from align/runs.py.
 
 Each step is `run(load_config(module.Config, recipe, overrides))` with the step's recipe (stages/<stage>.yaml,
@@ -30,7 +31,7 @@ from typing import Any, Literal
 
 from align.config import load_config, opt, to_dict
 from align.errors import AlignError, ConfigError
-from align.processes import start_child, threads_each, wait_all, why_not_two
+from align.processes import Child, Running, threads_each, why_not_two
 from align.runs import (
     Interrupted,
     Run,
@@ -79,8 +80,9 @@ class Config:
     ppo_from: Literal["sft", "dpo"] = opt("sft", "the policy PPO starts from (and keeps near: its KL reference): "
                                                  "sft, or dpo (needs the dpo step)")
     parallel: bool = opt(True, "on a CPU machine (no GPU) with 2+ cores and 12+ GiB of free memory, run two training "
-                               "steps that do not read each other's folders (reward + dpo, ppo + online) at once, "
-                               "each in its own process with half the cores; false: one after another here")
+                               "steps at once, each in its own process with half the cores, starting as soon as a process is "
+                               "free and the steps whose folders it reads are done (reward + dpo, ppo + online); "
+                               "false: one after another here")
 
 
 @dataclass
@@ -301,6 +303,9 @@ def execute(steps: list[PlannedStep], root: Path, config: dict[str, Any], force:
     t_all = time.perf_counter()
     try:
         run_steps(steps, top, previous, records, cache, force, beside)
+        ordered = {s.name: records[s.name] for s in steps if s.name in records}  # as planned, however they ran
+        records.clear()
+        records.update(ordered)
     except KeyboardInterrupt:  # a stop signal or Ctrl-C, during a step (its run is marked) or between two steps
         top.interrupt(stop_requested() or "KeyboardInterrupt")
         raise
@@ -314,30 +319,79 @@ def execute(steps: list[PlannedStep], root: Path, config: dict[str, Any], force:
 
 def run_steps(steps: list[PlannedStep], top: Run, previous: dict[str, Any], records: dict[str, dict[str, Any]],
               cache: dict[Any, str], force: bool, beside: bool = False) -> None:
-    """Run (or skip) each step in turn, recording it in `records` and the pipeline manifest `top`; with `beside`,
-    two steps of a `side_by_side` group that both run go in two processes at once."""
-    for group in side_by_side(steps) if beside else [[step] for step in steps]:
-        todo = []
-        for step in group:
-            record = dict(previous.get(step.name, {}))
-            fp = fingerprint(step.stage, to_dict(step.config if step.config is not None else step_config(step)), cache)
-            action, extra = how_to_run(step, record, fp, force)
-            record.update({"dir": step.dir.name, "recipe": str(step.recipe) if step.recipe else None,
-                           "fingerprint": fp})
-            records[step.name] = record
-            if action == "skip":
-                record.update({"status": "skipped", "seconds": 0.0})
-                log.info(f"pipeline: {step.name}: unchanged since its last run, skipped")
+    """Run (or skip) each step in order, recording it in `records` and the pipeline manifest `top`. With `beside`,
+    SIDE_BY_SIDE steps run two at a time, each in its own process: one starts as soon as a process is free and the
+    steps whose folders it reads are done (the pipeline's reward and dpo together; ppo when reward is done, online
+    when dpo is). A step whose inputs did not change since its last run is skipped as soon as they are done."""
+    import tempfile
+
+    pending, running, active = list(steps), Running(), {}  # active: name -> (step, action) of the running children
+    failed: list[tuple[str, bool, str]] = []
+    decided: dict[str, tuple[str, list[str], dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="align-pipeline-") as tmp:
+        while pending or active:
+            skipped = True
+            while skipped:  # skip what is unchanged as soon as its inputs are done (then what reads only it, ...)
+                skipped = False
+                for step in [s for s in pending if s.name not in decided and inputs_done(s, pending, active)]:
+                    decided[step.name] = decide(step, previous, cache, force)
+                    if decided[step.name][0] == "skip":
+                        pending.remove(step)
+                        records[step.name] = decided[step.name][2] | {"status": "skipped", "seconds": 0.0}
+                        log.info(f"pipeline: {step.name}: unchanged since its last run, skipped")
+                        skipped = True
+            step = None if failed or stop_requested() else next_step(pending, active)
+            if step is None:
+                if not active:
+                    break
+                if not failed and not stop_requested():
+                    running.alone()  # one running, nothing can start beside it: it takes the freed cores
+                child = running.wait_next()
+                end_child(child, *active.pop(child.name), top, records, failed)
+                continue
+            pending.remove(step)
+            action, extra, records[step.name] = decided[step.name]  # recorded as it starts, not before
+            others = [o for o in pending if o.name in SIDE_BY_SIDE and inputs_done(o, pending, active, step)]
+            if beside and step.name in SIDE_BY_SIDE and (active or others):
+                config_file = Path(tmp) / f"{step.name}.yaml"
+                config_file.write_text(yaml_text(to_dict(step_config(step, extra))))
+                start_record(step, action, top, records[step.name])
+                for name in active:
+                    records[name].setdefault("beside", []).append(step.name)
+                records[step.name]["beside"] = list(active)
+                running.start(step.name, child_command(step, config_file))
+                active[step.name] = (step, action)
+                log.info(f"pipeline: {step.name} in a process of its own, {threads_each()} thread(s)"
+                         + (f", beside {', '.join(n for n in active if n != step.name)}" if len(active) > 1 else "")
+                         + " (parallel=false: one step at a time)")
             else:
-                todo.append((step, action, extra))
-        if len(todo) == 2:
-            run_beside(todo, top, records)
-        elif todo:
-            run_here(*todo[0], top, records[todo[0][0].name])
+                run_here(step, action, extra, top, records[step.name])
+    if failed:
+        stopped = all(s for _, s, _ in failed)
+        top.write_manifest("interrupted" if stopped else "failed")
+        if stopped:
+            raise Interrupted(str(stop_requested() or "a signal"))
+        name, _, error = next(f for f in failed if not f[1])
+        raise AlignError(f"step {name} failed: {error}")
+    if stop_requested():  # a signal that came as a step beside another finished
+        top.write_manifest("interrupted")
+        raise Interrupted(str(stop_requested()))
+
+
+def decide(step: PlannedStep, previous: dict[str, Any], cache: dict[Any, str],
+           force: bool) -> tuple[str, list[str], dict[str, Any]]:
+    """`how_to_run` for a step whose inputs are done (its fingerprint hashes them), and the step's record with
+    that fingerprint, to be kept once the step is skipped or starts (not before: a pipeline stopped in between must
+    not find the new fingerprint beside the last run's status)."""
+    record = dict(previous.get(step.name, {}))
+    fp = fingerprint(step.stage, to_dict(step.config if step.config is not None else step_config(step)), cache)
+    action, extra = how_to_run(step, record, fp, force)
+    record.update({"dir": step.dir.name, "recipe": str(step.recipe) if step.recipe else None, "fingerprint": fp})
+    return action, extra, record
 
 
 def start_record(step: PlannedStep, action: str, top: Run, record: dict[str, Any]) -> None:
-    record.pop("beside", None)  # these two are set again by run_beside when it runs next to another step
+    record.pop("beside", None)  # these two are set again when it runs in a process beside another step
     record.pop("peak_rss_mb", None)
     record.update({"status": "running", "started_at": now(), "seconds": None})
     top.write_manifest("running")
@@ -395,18 +449,23 @@ def reads(step: PlannedStep, other: PlannedStep) -> bool:
     return any(s == folder or s.startswith(folder + "/") for s in strings({**config, "output_dir": ""}))
 
 
-def side_by_side(steps: list[PlannedStep]) -> list[list[PlannedStep]]:
-    """The steps in order, in groups of one, or two consecutive SIDE_BY_SIDE steps where neither reads the other's
-    folder (the pipeline's reward + dpo, then ppo + online)."""
-    groups: list[list[PlannedStep]] = []
-    for step in steps:
-        last = groups[-1] if groups else []
-        if (len(last) == 1 and last[0].name in SIDE_BY_SIDE and step.name in SIDE_BY_SIDE
-                and not reads(step, last[0]) and not reads(last[0], step)):
-            last.append(step)
-        else:
-            groups.append([step])
-    return groups
+def inputs_done(step: PlannedStep, pending: list[PlannedStep], active: dict[str, Any],
+                also: PlannedStep | None = None) -> bool:
+    """Are the steps whose folders `step` reads done: none of them pending, running (or `also`)?"""
+    waiting = [o for o in pending if o is not step] + [o for o, _ in active.values()] + ([also] if also else [])
+    return not any(reads(step, o) for o in waiting)
+
+
+def next_step(pending: list[PlannedStep], active: dict[str, Any]) -> PlannedStep | None:
+    """The first pending step that may start now: its inputs done, and either nothing running, or it is a
+    SIDE_BY_SIDE step, one process is free and every pending step before it is a SIDE_BY_SIDE step too (the
+    others keep their place in the order)."""
+    for step in pending:
+        if step.name not in SIDE_BY_SIDE:
+            return step if not active and inputs_done(step, pending, active) else None
+        if len(active) < 2 and inputs_done(step, pending, active):
+            return step
+    return None
 
 
 def child_command(step: PlannedStep, config_file: Path) -> list[str]:
@@ -415,48 +474,30 @@ def child_command(step: PlannedStep, config_file: Path) -> list[str]:
     return [sys.executable, "-m", "align.cli", step.stage, str(config_file)]
 
 
-def run_beside(todo: list[tuple[PlannedStep, str, list[str]]], top: Run, records: dict[str, dict[str, Any]]) -> None:
-    """Two steps at once, each `align <stage>` in its own process with half the cores, their output lines prefixed
-    with the step's name. A stop signal is passed on to both (each saves a checkpoint at its next step boundary;
-    a second one stops them at once); when one fails the other finishes, then the pipeline stops on the failure."""
-    import tempfile
-
+def yaml_text(config: dict[str, Any]) -> str:
     import yaml
 
-    log.info(f"pipeline: {todo[0][0].name} and {todo[1][0].name} side by side, {threads_each()} thread(s) each "
-             f"(parallel=false: one after another)")
-    children = []
-    with tempfile.TemporaryDirectory(prefix="align-pipeline-") as tmp:
-        for step, action, extra in todo:
-            config_file = Path(tmp) / f"{step.name}.yaml"
-            config_file.write_text(yaml.safe_dump(to_dict(step_config(step, extra)), sort_keys=False))
-            start_record(step, action, top, records[step.name])
-            records[step.name]["beside"] = next(s.name for s, _, _ in todo if s is not step)
-            children.append(start_child(step.name, child_command(step, config_file)))
-        finished = wait_all(children)
-    failed = []
-    for (step, action, _), child, (took, rss) in zip(todo, children, finished):
-        record, proc = records[step.name], child.proc
-        record["peak_rss_mb"] = round(rss)
-        if proc.returncode == 0:
-            end_record(action, record, took)
-            continue
-        stopped = proc.returncode == 130 or stop_requested() is not None
-        error = child.last_line()
-        if proc.returncode < 0:  # killed (a SIGKILL, the kernel's out-of-memory killer): it could not say so
-            error = f"align {step.stage} was killed by {signal.Signals(-proc.returncode).name}"
-            mark_killed(step.dir, error)
-        record.update({"status": "interrupted" if stopped else "failed", "seconds": took, "error": error[:500]})
-        failed.append((step.name, stopped, error))
-    if not failed:
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def end_child(child: Child, step: PlannedStep, action: str, top: Run, records: dict[str, dict[str, Any]],
+              failed: list[tuple[str, bool, str]]) -> None:
+    """Record a step that ran in its own process; a failure (or a stop) is added to `failed` (name, stopped,
+    error): the steps beside it finish, no new one starts, then the pipeline stops on it."""
+    record, proc = records[step.name], child.proc
+    record["peak_rss_mb"] = round(child.peak_mb)
+    if proc.returncode == 0:
+        end_record(action, record, child.seconds)
         top.write_manifest("running")
         return
-    stopped = all(s for _, s, _ in failed)
-    top.write_manifest("interrupted" if stopped else "failed")
-    if stopped:
-        raise Interrupted(str(stop_requested() or "a signal"))
-    name, _, error = next(f for f in failed if not f[1])
-    raise AlignError(f"step {name} failed: {error}")
+    stopped = proc.returncode == 130 or stop_requested() is not None
+    error = child.last_line()
+    if proc.returncode < 0:  # killed (a SIGKILL, the kernel's out-of-memory killer): it could not say so
+        error = f"align {step.stage} was killed by {signal.Signals(-proc.returncode).name}"
+        mark_killed(step.dir, error)
+    record.update({"status": "interrupted" if stopped else "failed", "seconds": child.seconds, "error": error[:500]})
+    top.write_manifest("running")
+    failed.append((step.name, stopped, error))
 
 
 def mark_killed(run_dir: Path, error: str) -> None:
@@ -473,7 +514,7 @@ def mark_killed(run_dir: Path, error: str) -> None:
 def print_summary(records: dict[str, dict[str, Any]], total: float) -> None:
     print(f"\n{'step':<12} {'status':<9} {'this run':>10} {'last run':>10}")
     for name, r in records.items():
-        beside = (f"  beside {r['beside']}, peak RSS {r.get('peak_rss_mb', 0) / 1024:.1f} GiB"
+        beside = (f"  beside {', '.join(r['beside'])}, peak RSS {r.get('peak_rss_mb', 0) / 1024:.1f} GiB"
                   if r.get("beside") else "")
         print(f"{name:<12} {r['status']:<9} {r.get('seconds') or 0.0:>9.1f}s {r.get('run_seconds') or 0.0:>9.1f}s"
               f"{beside}")
@@ -514,7 +555,9 @@ def run_seeds(cfg: Config) -> Path:
 def beside(cfg: Config, steps: list[PlannedStep]) -> bool:
     """Whether this run puts two steps side by side (`parallel`, when the plan has such a pair and the machine
     can); says why not when it cannot."""
-    if not cfg.parallel or all(len(group) == 1 for group in side_by_side(steps)):
+    candidates = [s for s in steps if s.name in SIDE_BY_SIDE]
+    if not cfg.parallel or all(reads(a, b) or reads(b, a) for i, a in enumerate(candidates)
+                               for b in candidates[i + 1:]):
         return False
     reason = why_not_two(SIDE_BY_SIDE_MIN_GIB)
     if reason:
