@@ -425,6 +425,41 @@ def test_two_processes_only_where_the_machine_has_room(monkeypatch: pytest.Monke
     assert processes.why_not_two(0) == "a GPU is present"
 
 
+def test_a_child_left_alone_takes_the_whole_thread_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Running.alone` reaches a real torch process (torch.set_num_threads from the signal handler); a child told
+    before it imported torch keeps its threads and lives on."""
+    import time
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # children get 1 thread, 2 when alone
+
+    def started(child: processes.Child) -> None:
+        deadline = time.time() + 60
+        while not any(line.startswith("threads") for line in child.tail) and time.time() < deadline:
+            time.sleep(0.05)
+
+    code = ("import time, torch\n"
+            "from align.processes import take_threads_when_alone\n"
+            "take_threads_when_alone()\n"
+            "print('threads', torch.get_num_threads(), flush=True)\n"
+            "deadline = time.time() + 30\n"
+            "while torch.get_num_threads() == 1 and time.time() < deadline:\n"
+            "    time.sleep(0.05)\n"
+            "print('threads', torch.get_num_threads(), flush=True)\n")
+    running = processes.Running()
+    child = running.start("t", [sys.executable, "-c", code])
+    started(child)
+    running.alone()
+    assert running.wait_next() is child and child.proc.returncode == 0
+    assert [line for line in child.tail if line.startswith("threads")] == ["threads 1", "threads 2"]
+    # no torch yet when the signal comes: nothing happens, the child goes on
+    quiet = ("import time\nfrom align.processes import take_threads_when_alone\ntake_threads_when_alone()\n"
+             "print('threads none', flush=True)\ntime.sleep(0.5)\nprint('end', flush=True)\n")
+    early = running.start("e", [sys.executable, "-c", quiet])
+    started(early)
+    running.alone()
+    assert running.wait_next() is early and early.proc.returncode == 0 and early.tail[-1] == "end"
+
+
 def test_a_child_whose_output_reaches_a_terminal_draws_progress(monkeypatch: pytest.MonkeyPatch) -> None:
     import io
     import logging
