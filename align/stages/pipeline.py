@@ -325,21 +325,15 @@ def run_steps(steps: list[PlannedStep], top: Run, previous: dict[str, Any], reco
     when dpo is). A step whose inputs did not change since its last run is skipped as soon as they are done."""
     import tempfile
 
+    import yaml
+
     pending, running, active = list(steps), Running(), {}  # active: name -> (step, action) of the running children
     failed: list[tuple[str, bool, str]] = []
     decided: dict[str, tuple[str, list[str], dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="align-pipeline-") as tmp:
         while pending or active:
-            skipped = True
-            while skipped:  # skip what is unchanged as soon as its inputs are done (then what reads only it, ...)
-                skipped = False
-                for step in [s for s in pending if s.name not in decided and inputs_done(s, pending, active)]:
-                    decided[step.name] = decide(step, previous, cache, force)
-                    if decided[step.name][0] == "skip":
-                        pending.remove(step)
-                        records[step.name] = decided[step.name][2] | {"status": "skipped", "seconds": 0.0}
-                        log.info(f"pipeline: {step.name}: unchanged since its last run, skipped")
-                        skipped = True
+            while skip_unchanged(pending, active, decided, records, previous, cache, force):
+                pass  # again: what reads only the skipped steps may be skippable now
             step = None if failed or stop_requested() else next_step(pending, active)
             if step is None:
                 if not active:
@@ -354,7 +348,7 @@ def run_steps(steps: list[PlannedStep], top: Run, previous: dict[str, Any], reco
             others = [o for o in pending if o.name in SIDE_BY_SIDE and inputs_done(o, pending, active, step)]
             if beside and step.name in SIDE_BY_SIDE and (active or others):
                 config_file = Path(tmp) / f"{step.name}.yaml"
-                config_file.write_text(yaml_text(to_dict(step_config(step, extra))))
+                config_file.write_text(yaml.safe_dump(to_dict(step_config(step, extra)), sort_keys=False))
                 start_record(step, action, top, records[step.name])
                 for name in active:
                     records[name].setdefault("beside", []).append(step.name)
@@ -376,6 +370,22 @@ def run_steps(steps: list[PlannedStep], top: Run, previous: dict[str, Any], reco
     if stop_requested():  # a signal that came as a step beside another finished
         top.write_manifest("interrupted")
         raise Interrupted(str(stop_requested()))
+
+
+def skip_unchanged(pending: list[PlannedStep], active: dict[str, Any], decided: dict[str, Any],
+                   records: dict[str, dict[str, Any]], previous: dict[str, Any], cache: dict[Any, str],
+                   force: bool) -> bool:
+    """Decide (`decide`) every pending step whose inputs are done and not decided yet; take the unchanged ones out
+    of `pending` as skipped. True if any was skipped."""
+    skipped = False
+    for step in [s for s in pending if s.name not in decided and inputs_done(s, pending, active)]:
+        decided[step.name] = decide(step, previous, cache, force)
+        if decided[step.name][0] == "skip":
+            pending.remove(step)
+            records[step.name] = decided[step.name][2] | {"status": "skipped", "seconds": 0.0}
+            log.info(f"pipeline: {step.name}: unchanged since its last run, skipped")
+            skipped = True
+    return skipped
 
 
 def decide(step: PlannedStep, previous: dict[str, Any], cache: dict[Any, str],
@@ -472,12 +482,6 @@ def child_command(step: PlannedStep, config_file: Path) -> list[str]:
     """`align <stage> <its resolved config>` in a fresh interpreter (which stops when this process dies: PARENT_ENV,
     its own session: a terminal's Ctrl-C reaches this process only, which passes it on)."""
     return [sys.executable, "-m", "align.cli", step.stage, str(config_file)]
-
-
-def yaml_text(config: dict[str, Any]) -> str:
-    import yaml
-
-    return yaml.safe_dump(config, sort_keys=False)
 
 
 def end_child(child: Child, step: PlannedStep, action: str, top: Run, records: dict[str, dict[str, Any]],
